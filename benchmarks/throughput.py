@@ -1,0 +1,119 @@
+"""Training throughput and pipeline efficiency of recipes, measured in one run.
+
+    python benchmarks/throughput.py                                   # the default CPU recipe
+    python benchmarks/throughput.py simclr/fashion_mnist moco_v2/fashion_mnist byol/fashion_mnist
+
+throughput: images per second of full training steps (the views of one image count once).
+efficiency: time of the backbone's own forward+backward over a pre-made batch of the same crops
+÷ time of a full training step (augmentation, heads, loss, target branch, optimizer, EMA...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+
+from selfsup.config import load_config
+from selfsup.data.loader import Batches
+from selfsup.engine.build import build_method, build_views, data_info, load_data, pick_device
+from selfsup.engine.optim import build_optimizer
+from selfsup.engine.train import Precision, training_step
+from selfsup.methods.base import Progress
+
+
+def _timed(fn, steps: int, warmup: int) -> float:  # noqa: ANN001
+    """Seconds per call: best of three rounds of `steps` calls after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        best = min(best, (time.perf_counter() - start) / steps)
+    return best
+
+
+def measure(recipe: str, overrides: list[str], steps: int, warmup: int) -> dict[str, float]:
+    config = load_config(recipe, overrides)
+    device = pick_device(config.train.device)
+    torch.manual_seed(0)
+    data = load_data(config, "train")
+    views = build_views(config)
+    info = data_info(data, views)
+    views.set_stats(info["mean"], info["std"])
+    memory_format = torch.channels_last if config.train.channels_last else torch.contiguous_format
+    method = build_method(config, info).to(device).to(memory_format=memory_format).train()
+    optimizer = build_optimizer(method, config.optim)
+    batches = Batches(data.images.to(device), config.optim.batch_size, seed=0)
+    generator = torch.Generator(device).manual_seed(0)
+    precision = Precision(config.train.precision, device)
+    progress = Progress(0, 0.0, 0.0)
+
+    def step() -> None:
+        images, index = batches.next()
+        out = training_step(
+            method,
+            optimizer,
+            views(images, generator),
+            index,
+            progress,
+            precision,
+            config.optim.clip,
+            memory_format,
+        )
+        out["loss"].item()  # wait for the device
+
+    large, small = views(batches.next()[0], generator)
+    crops = [c.contiguous(memory_format=memory_format) for c in large + small]
+
+    def backbone_only() -> None:
+        # equal-size crops in one batch, as Method.encode does
+        batch = torch.cat([c for c in crops if c.shape == crops[0].shape])
+        batch = batch.contiguous(memory_format=memory_format)
+        method.backbone(batch).sum().backward()
+        for crop in (c for c in crops if c.shape != crops[0].shape):
+            method.backbone(crop).sum().backward()
+        method.zero_grad(set_to_none=True)
+
+    def augment_only() -> None:
+        views(batches.next()[0], generator)
+
+    step_time = _timed(step, steps, warmup)
+    backbone_time = _timed(backbone_only, steps, warmup)
+    augment_time = _timed(augment_only, steps, warmup)
+    batch = config.optim.batch_size
+    return {
+        "img_per_s": batch / step_time,
+        "efficiency": backbone_time / step_time,
+        "augment_share": augment_time / step_time,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("recipes", nargs="*", default=["simclr/fashion_mnist"])
+    parser.add_argument("--set", nargs="*", default=[], help="overrides for every recipe")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(
+        f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
+    print(f"{'recipe':28s} {'img/s':>8s} {'efficiency':>11s} {'augment share':>14s}")
+    for recipe in args.recipes:
+        r = measure(recipe, args.set, args.steps, args.warmup)
+        print(
+            f"{recipe:28s} {r['img_per_s']:8.0f} {r['efficiency']:11.2f} {r['augment_share']:14.3f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Sets up selfsup on a fresh Debian machine: Fashion-MNIST from Debian, a virtual environment in
+# .venv with a CPU build of PyTorch, and the package itself (editable, with the test tools).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+data=/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+if [ ! -e "$data" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null
+  elif command -v sudo >/dev/null && command -v apt-get >/dev/null; then
+    sudo apt-get update -qq && sudo apt-get install -y -qq dataset-fashion-mnist >/dev/null
+  else
+    echo "note: Fashion-MNIST is missing; install it with: apt-get install dataset-fashion-mnist" >&2
+  fi
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  # --system-site-packages: reuse a torch that is already installed instead of fetching another.
+  if ! python3 -m venv --system-site-packages .venv 2>/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      apt-get install -y -qq python3-venv >/dev/null
+    fi
+    rm -rf .venv && python3 -m venv --system-site-packages .venv
+  fi
+fi
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  # An unpinned torch pulls a multi-GB CUDA build; TORCH_SPEC chooses another build.
+  .venv/bin/pip install -q "${TORCH_SPEC:-torch==2.13.0}"
+fi
+.venv/bin/pip install -q -e ".[test]"

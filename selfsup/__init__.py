@@ -1,0 +1,31 @@
+"""selfsup: self-supervised visual representation learning in one code base.
+
+run = selfsup.train("simclr/fashion_mnist", ["train.epochs=1"])
+selfsup.evaluate(run)                      # {"knn_top1": ..., "linear_top1": ...}
+features = selfsup.embed(run, "fashion_mnist:test")
+"""
+
+from selfsup.backbones import create_backbone
+from selfsup.config import Config, load_config
+from selfsup.engine.train import train
+from selfsup.evaluate import embed, evaluate, export, pixel_baselines
+from selfsup.registry import BACKBONES, DATASETS, METHODS, VIEWS
+from selfsup.run import Run, load
+
+__all__ = [
+    "BACKBONES",
+    "DATASETS",
+    "METHODS",
+    "VIEWS",
+    "Config",
+    "Run",
+    "create_backbone",
+    "embed",
+    "evaluate",
+    "export",
+    "load",
+    "load_config",
+    "pixel_baselines",
+    "train",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,164 @@
+"""`selfsup` command line: parse, call one public function, print."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+
+from selfsup.config import load_config, recipe_names, recipe_summary
+from selfsup.engine.log import format_duration
+from selfsup.registry import METHODS
+
+DEMO_RECIPE = "simclr/fashion_mnist"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        print(f"selfsup: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "\nselfsup: interrupted; the last checkpoint is kept (resume with --resume)",
+            file=sys.stderr,
+        )
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="selfsup", description="Self-supervised visual representation learning."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="pre-train a recipe, or resume a run")
+    p.add_argument("recipe", nargs="?", help="recipe name (see `selfsup recipes`) or YAML path")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=0.1")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", help="evaluate a run's encoder: knn, linear")
+    p.add_argument("protocol", choices=["knn", "linear", "all"])
+    p.add_argument("run_dir")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("embed", help="write backbone features of images or a dataset to .npy")
+    p.add_argument("run_dir")
+    p.add_argument("images", help="a folder of images, or a dataset name[:split]")
+    p.add_argument("-o", "--output", required=True, help="output .npy file")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_embed)
+
+    p = sub.add_parser("export", help="write the encoder weights as a plain state dict")
+    p.add_argument("run_dir")
+    p.add_argument("-o", "--output", help="output file (default RUN_DIR/backbone.pt)")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("recipes", help="list the recipes")
+    p.set_defaults(func=_recipes)
+    p = sub.add_parser("methods", help="list the methods")
+    p.set_defaults(func=_methods)
+
+    p = sub.add_parser("demo", help="pre-train, evaluate, and compare with raw-pixel baselines")
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    p.add_argument("--recipe", default=DEMO_RECIPE)
+    p.set_defaults(func=_demo)
+    return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    from selfsup.engine.train import train
+
+    if args.resume:
+        overrides = ([args.recipe] if args.recipe else []) + args.overrides
+        run = train(resume=args.resume, overrides=overrides)
+    elif args.recipe:
+        run = train(args.recipe, args.overrides)
+    else:
+        raise ValueError("give a recipe (see `selfsup recipes`) or --resume RUN_DIR")
+    print(f"run folder: {run.path}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from selfsup.evaluate import PROTOCOLS, evaluate
+
+    protocols = list(PROTOCOLS) if args.protocol == "all" else [args.protocol]
+    results = evaluate(args.run_dir, protocols, device=args.device)
+    for key, value in results.items():
+        print(f"{key:14s} {value:6.2f}")
+    return 0
+
+
+def _embed(args: argparse.Namespace) -> int:
+    from selfsup.evaluate import embed
+
+    array = embed(args.run_dir, args.images, args.output, device=args.device)
+    print(f"wrote {args.output}: {array.shape[0]} x {array.shape[1]} float32")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from selfsup.evaluate import export
+
+    print(f"wrote {export(args.run_dir, args.output)}")
+    return 0
+
+
+def _recipes(args: argparse.Namespace) -> int:
+    for name in recipe_names():
+        print(f"{name:28s} {recipe_summary(name)}")
+    return 0
+
+
+def _methods(args: argparse.Namespace) -> int:
+    import selfsup.methods  # noqa: F401  (registers the methods)
+
+    for name in METHODS.names():
+        print(f"{name:14s} {METHODS.summary(name)}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from selfsup.engine.train import train
+    from selfsup.evaluate import evaluate, pixel_baselines
+
+    config = load_config(args.recipe, args.overrides)
+    began = time.perf_counter()
+    run = train(config)
+    trained = time.perf_counter()
+    print(
+        f"pre-training took {format_duration(trained - began)}; evaluating on the test split",
+        file=sys.stderr,
+    )
+    learned = evaluate(run)
+    pixels = pixel_baselines(config)
+    done = time.perf_counter()
+    backbone = ", ".join(f"{k}={v}" for k, v in config.backbone.items() if k != "name")
+    k = config.eval.knn_k
+    rows = [
+        ("raw pixels", pixels),
+        (f"{config.method['name']} + {config.backbone['name']} ({backbone})", learned),
+    ]
+    print(
+        f"\n{config.data['name']} {config.eval.test_split} split, "
+        f"{config.train.epochs:g} epochs of pre-training"
+    )
+    print(f"{'features':44s} {f'kNN top-1 (k={k})':>18s} {'linear top-1':>13s}")
+    for name, r in rows:
+        print(f"{name:44s} {r['knn_top1']:18.2f} {r['linear_top1']:13.2f}")
+    print(
+        f"\ntime: pre-training {format_duration(trained - began)}, evaluation "
+        f"{format_duration(done - trained)}; run folder: {run.path}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

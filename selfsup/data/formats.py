@@ -1,0 +1,293 @@
+"""Readers of real dataset file formats -> uint8 numpy arrays in (N, C, H, W) layout.
+
+Each reader takes a path, validates what it reads and raises ValueError naming the file and the
+problem. Finding files and naming classes is `datasets.py`'s job.
+"""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+# IDX type codes (third magic byte) -> big-endian dtype, http://yann.lecun.com/exdb/mnist/
+IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_bytes(path: str | Path) -> bytes:
+    """The file's bytes, gunzipped when it is gzip-compressed (by content, not by name)."""
+    data = Path(path).read_bytes()
+    if data[:2] == b"\x1f\x8b":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as error:
+            raise ValueError(f"{path}: broken gzip stream ({error}); download it again") from error
+    return data
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """An IDX file (MNIST, Fashion-MNIST), plain or .gz, as an array of the dims in its header."""
+    data = read_bytes(path)
+    # Header: two zero bytes, a type code, the number of dims, then each dim as big-endian uint32.
+    if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] not in IDX_DTYPES:
+        raise ValueError(
+            f"{path}: not an IDX file (magic bytes {data[:4].hex() or 'missing'}, expected "
+            "0000 + type code 08..0e + number of dims); the file is corrupt or of another format"
+        )
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    if ndim == 0 or len(data) < header:
+        raise ValueError(f"{path}: IDX header declares {ndim} dims but the file is too short")
+    dims = tuple(int(d) for d in np.frombuffer(data, ">u4", count=ndim, offset=4))
+    dtype = np.dtype(IDX_DTYPES[data[2]])
+    expected = int(np.prod(dims)) * dtype.itemsize
+    if len(data) - header != expected:
+        raise ValueError(
+            f"{path}: IDX header says shape {dims} ({expected} bytes of data) but the file holds "
+            f"{len(data) - header}; the file is truncated or corrupt, download it again"
+        )
+    array = np.frombuffer(data, dtype, offset=header).reshape(dims)
+    return array.astype(dtype.newbyteorder("="), copy=False)
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles only numpy arrays and plain containers, so a data file cannot run code."""
+
+    ALLOWED = {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("_codecs", "encode"),  # how Python 3 protocol-2 pickles store bytes
+    }
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data file")
+        return super().find_class(module, name)
+
+
+def read_pickle(path: str | Path) -> dict:
+    """A CIFAR-style pickle (Python 2 era, bytes keys) as a dict, loading arrays only."""
+    try:
+        with open(path, "rb") as file:
+            return _ArrayUnpickler(file, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError) as error:
+        raise ValueError(f"{path}: not a readable CIFAR pickle ({error})") from error
+
+
+def read_cifar_batch(
+    path: str | Path, label_key: bytes = b"labels"
+) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR batch file -> images (N, 3, 32, 32) uint8, labels (N,) int64.
+
+    The file stores each image as 3072 bytes: the red plane, then green, then blue, each row-major,
+    so a reshape gives NCHW directly. CIFAR-100 uses `label_key=b"fine_labels"`.
+    """
+    batch = read_pickle(path)
+    if b"data" not in batch or label_key not in batch:
+        raise ValueError(
+            f"{path}: CIFAR batch lacks b'data' or {label_key!r} (keys: {sorted(batch)})"
+        )
+    data = np.asarray(batch[b"data"], dtype=np.uint8)
+    labels = np.asarray(batch[label_key], dtype=np.int64)
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
+        raise ValueError(
+            f"{path}: expected data (N, 3072) and N labels, got {data.shape} and {len(labels)}"
+        )
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def read_cifar_names(path: str | Path, key: bytes) -> list[str]:
+    """Class names from a CIFAR meta file: b'label_names' (CIFAR-10), b'fine_label_names' (100)."""
+    meta = read_pickle(path)
+    if key not in meta:
+        raise ValueError(f"{path}: CIFAR meta lacks {key!r} (keys: {sorted(meta)})")
+    return [n.decode() if isinstance(n, bytes) else str(n) for n in meta[key]]
+
+
+STL_SHAPE = (3, 96, 96)
+
+
+def read_stl_images(path: str | Path) -> np.ndarray:
+    """An STL-10 `*_X.bin` file -> images (N, 3, 96, 96) uint8.
+
+    The official files are written column-major (MATLAB order): each 96x96 plane holds its
+    columns one after another, so H and W must be swapped after the reshape.
+    """
+    size = Path(path).stat().st_size
+    per_image = int(np.prod(STL_SHAPE))
+    if size % per_image:
+        raise ValueError(
+            f"{path}: {size} bytes is not a whole number of 96x96x3 images; the file is truncated"
+        )
+    # memmap + one copy keeps the peak at one copy of the data (the unlabeled split is 2.8 GB).
+    raw = np.memmap(path, np.uint8, mode="r", shape=(size // per_image, *STL_SHAPE))
+    return np.ascontiguousarray(raw.transpose(0, 1, 3, 2))
+
+
+def read_stl_labels(path: str | Path) -> np.ndarray:
+    """An STL-10 `*_y.bin` file (labels 1..10) -> labels (N,) int64 in 0..9."""
+    labels = np.fromfile(path, np.uint8).astype(np.int64)
+    if len(labels) and (labels.min() < 1 or labels.max() > 10):
+        raise ValueError(
+            f"{path}: STL-10 labels must be 1..10, found {labels.min()}..{labels.max()}"
+        )
+    return labels - 1
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Image files directly in `folder` (by suffix, hidden files skipped), sorted by name."""
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+    )
+
+
+def load_image(path: Path, mode: str, size: int | None) -> np.ndarray:
+    """One image in PIL mode 'L' or 'RGB' -> (C, H, W) uint8; with `size`, the shorter side is
+    resized to `size` and the centre `size` x `size` square kept (aspect ratio preserved)."""
+    with Image.open(path) as image:
+        image = image.convert(mode)
+    if size is not None:
+        width, height = image.size
+        scale = size / min(width, height)
+        new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+        image = image.resize((new_w, new_h), Image.BILINEAR)
+        left, top = (new_w - size) // 2, (new_h - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+    array = np.asarray(image, dtype=np.uint8)
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+def read_image_folder(
+    root: str | Path, size: int | None = None, channels: int | None = None
+) -> tuple[np.ndarray, np.ndarray | None, list[str] | None]:
+    """A folder of images -> (images (N, C, H, W) uint8, labels or None, class names or None).
+
+    Sub-folders are classes, sorted by name, with their images (found recursively) labelled by
+    the folder; images lying directly in `root` with no sub-folders form an unlabeled set.
+    `channels` 1 or 3 converts every image to L or RGB; by default RGB unless all are grayscale.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} is not a folder")
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    per_class = [
+        sorted(f for f in d.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        for d in class_dirs
+    ]
+    # Folders without images (e.g. a notes/ folder) are not classes.
+    kept = [(d.name, files) for d, files in zip(class_dirs, per_class, strict=True) if files]
+    loose = image_files(root)
+    if kept and loose:
+        raise ValueError(
+            f"{root} has both class sub-folders ({', '.join(n for n, _ in kept[:3])}, ...) and "
+            f"images directly inside ({loose[0].name}, ...); move the loose images into a class "
+            "folder, or into a folder of their own for an unlabeled set"
+        )
+    if not kept and not loose:
+        raise FileNotFoundError(
+            f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {root} or its sub-folders"
+        )
+    if kept:
+        files = [f for _, class_files in kept for f in class_files]
+        labels = np.concatenate([np.full(len(fs), i, np.int64) for i, (_, fs) in enumerate(kept)])
+        classes = [name for name, _ in kept]
+    else:
+        files, labels, classes = loose, None, None
+
+    if channels is None:
+        # Opening reads only the header, so choosing the mode first costs little.
+        gray = {"1", "L", "LA", "I", "I;16", "F"}
+        modes = set()
+        for f in files:
+            with Image.open(f) as image:
+                modes.add(image.mode)
+        mode = "L" if modes <= gray else "RGB"
+    elif channels in (1, 3):
+        mode = "L" if channels == 1 else "RGB"
+    else:
+        raise ValueError(f"channels must be 1, 3 or None (automatic), got {channels}")
+
+    first = load_image(files[0], mode, size)
+    images = np.empty((len(files), *first.shape), np.uint8)
+    images[0] = first
+    for i, f in enumerate(files[1:], start=1):
+        image = load_image(f, mode, size)
+        if image.shape != first.shape:
+            raise ValueError(
+                f"images in {root} differ in size: {files[0].name} is {first.shape[2]}x"
+                f"{first.shape[1]} but {f.relative_to(root)} is {image.shape[2]}x{image.shape[1]}; "
+                "pass size=N to resize every image (shorter side to N, centre crop to N x N)"
+            )
+        images[i] = image
+    return images, labels, classes
+
+
+def to_nchw(images: np.ndarray, where: str = "array") -> np.ndarray:
+    """Images in (N, H, W), (N, C, H, W) or (N, H, W, C) with C in {1, 3} -> (N, C, H, W)."""
+    if images.ndim == 3:
+        return images[:, None]
+    if images.ndim == 4 and images.shape[1] in (1, 3) and images.shape[3] not in (1, 3):
+        return images
+    if images.ndim == 4 and images.shape[3] in (1, 3):
+        return images.transpose(0, 3, 1, 2)
+    raise ValueError(
+        f"{where}: images of shape {images.shape} are not (N, H, W), (N, C, H, W) or (N, H, W, C) "
+        "with 1 or 3 channels"
+    )
+
+
+def to_uint8(images: np.ndarray, where: str = "array") -> np.ndarray:
+    """uint8 as is; integers in 0..255 cast; floats in [0, 1] scaled by 255, in [0, 255] rounded."""
+    if images.dtype == np.uint8:
+        return images
+    low, high = (images.min(), images.max()) if images.size else (0, 0)
+    if np.issubdtype(images.dtype, np.floating):
+        if low >= 0 and high <= 1:
+            images = images * 255.0
+        elif not (low >= 0 and high <= 255):
+            raise ValueError(
+                f"{where}: float images must lie in [0, 1] or [0, 255], got {low}..{high}"
+            )
+        return np.rint(images).astype(np.uint8)
+    if np.issubdtype(images.dtype, np.integer) and low >= 0 and high <= 255:
+        return images.astype(np.uint8)
+    raise ValueError(
+        f"{where}: images of dtype {images.dtype} with values {low}..{high} are not pixels"
+    )
+
+
+def read_npz(
+    path: str | Path,
+    image_keys: tuple[str, ...] = ("images", "x"),
+    label_keys: tuple[str, ...] = ("labels", "y"),
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """An .npz file -> (images (N, C, H, W) uint8, labels (N,) int64 or None).
+
+    The images are the first of `image_keys` present, the labels the first of `label_keys`.
+    """
+    with np.load(path, allow_pickle=False) as arrays:
+        image_key = next((k for k in image_keys if k in arrays), None)
+        if image_key is None:
+            raise ValueError(
+                f"{path}: no images array; expected one of {', '.join(image_keys)}, "
+                f"found {', '.join(arrays.files) or 'nothing'}"
+            )
+        images = to_uint8(
+            to_nchw(arrays[image_key], f"{path}[{image_key}]"), f"{path}[{image_key}]"
+        )
+        label_key = next((k for k in label_keys if k in arrays), None)
+        labels = None if label_key is None else arrays[label_key].astype(np.int64).reshape(-1)
+    if labels is not None and len(labels) != len(images):
+        raise ValueError(f"{path}: {len(images)} images but {len(labels)} labels")
+    return np.ascontiguousarray(images), labels

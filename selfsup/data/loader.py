@@ -1,0 +1,49 @@
+"""Device-resident mini-batches in a seeded order that a checkpoint can resume exactly."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class Batches:
+    """Shuffled mini-batches of a uint8 image tensor, one fresh permutation per epoch, drop_last.
+
+    The permutation of epoch e depends only on (seed, e), so the state is two integers.
+    """
+
+    def __init__(self, images: Tensor, batch_size: int, seed: int = 0) -> None:
+        if batch_size > len(images):
+            raise ValueError(
+                f"batch_size {batch_size} is larger than the dataset ({len(images)} images); "
+                f"lower optim.batch_size"
+            )
+        self.images, self.batch_size, self.seed = images, batch_size, seed
+        self.epoch, self.position = 0, 0
+        self._order: tuple[int, Tensor] | None = None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.images) // self.batch_size
+
+    def order(self, epoch: int) -> Tensor:
+        if self._order is None or self._order[0] != epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            permutation = torch.randperm(len(self.images), generator=generator)
+            self._order = (epoch, permutation.to(self.images.device))
+        return self._order[1]
+
+    def next(self) -> tuple[Tensor, Tensor]:
+        """The next batch: images (B, C, H, W) uint8 and their dataset indices (B,)."""
+        if self.position == self.steps_per_epoch:
+            self.epoch, self.position = self.epoch + 1, 0
+        start = self.position * self.batch_size
+        index = self.order(self.epoch)[start : start + self.batch_size]
+        self.position += 1
+        return self.images[index], index
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position, self.seed = state["epoch"], state["position"], state["seed"]

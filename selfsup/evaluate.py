@@ -1,0 +1,172 @@
+"""Evaluate a run's encoder (kNN, linear probe), the raw-pixel baselines, and feature export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from selfsup.config import Config
+from selfsup.data.datasets import ImageData
+from selfsup.engine.build import load_data, pick_device
+from selfsup.engine.log import MetricsLog
+from selfsup.eval.features import extract, pixel_features
+from selfsup.eval.knn import knn
+from selfsup.eval.linear import linear_probe
+from selfsup.registry import DATASETS
+from selfsup.run import Run
+
+PROTOCOLS = ("knn", "linear")
+
+
+def _check(protocols: list[str]) -> None:
+    for name in protocols:
+        if name not in PROTOCOLS:
+            raise ValueError(f"unknown evaluation '{name}'; valid: {', '.join(PROTOCOLS)}")
+
+
+def _splits(config: Config) -> tuple[ImageData, ImageData]:
+    train, test = load_data(config, "train"), load_data(config, config.eval.test_split)
+    if train.labels is None or test.labels is None:
+        raise ValueError(
+            f"dataset '{config.data['name']}' has no labels; kNN and linear evaluation need a "
+            f"labelled train and {config.eval.test_split} split"
+        )
+    return train, test
+
+
+def _protocols(
+    config: Config,
+    protocols: list[str],
+    train_f: torch.Tensor,
+    train: ImageData,
+    test_f: torch.Tensor,
+    test: ImageData,
+    center: bool = False,
+) -> dict[str, float]:
+    results: dict[str, float] = {}
+    if "knn" in protocols:
+        out = knn(
+            train_f,
+            train.labels,
+            test_f,
+            test.labels,
+            k=config.eval.knn_k,
+            temperature=config.eval.knn_temperature,
+            num_classes=train.num_classes,
+            center=center,
+        )
+        results.update(knn_top1=out["top1"], knn_top5=out["top5"])
+    if "linear" in protocols:
+        out = linear_probe(
+            train_f,
+            train.labels,
+            test_f,
+            test.labels,
+            epochs=config.eval.linear_epochs,
+            seed=config.train.seed,
+        )
+        results.update(linear_top1=out["top1"], linear_top5=out["top5"])
+    return results
+
+
+def evaluate(
+    run_dir: str | Path | Run,
+    protocols: list[str] | tuple[str, ...] = PROTOCOLS,
+    device: str = "auto",
+) -> dict[str, float]:
+    """kNN and/or linear probe of a run's frozen backbone on its dataset's train/test splits.
+
+    Results are appended to the run's metrics.jsonl and stored in <run>/eval.json.
+    """
+    protocols = list(protocols)
+    _check(protocols)
+    run = run_dir if isinstance(run_dir, Run) else Run(run_dir)
+    config = run.config
+    train, test = _splits(config)
+    backbone = run.backbone.to(pick_device(device))
+    transform, batch_size = run.views.eval_transform, config.eval.batch_size
+    train_f = extract(backbone, train.images, transform, batch_size)
+    test_f = extract(backbone, test.images, transform, batch_size)
+    results = _protocols(config, protocols, train_f, train, test_f, test)
+    step = run.checkpoint()["step"]
+    MetricsLog(run.metrics_path).write({"event": "eval", "step": step, **results})
+    stored = run.path / "eval.json"
+    merged = json.loads(stored.read_text()) if stored.is_file() else {}
+    merged.update(results)
+    stored.write_text(json.dumps(merged, indent=1))
+    return results
+
+
+def pixel_baselines(
+    config: Config, protocols: list[str] | tuple[str, ...] = PROTOCOLS
+) -> dict[str, float]:
+    """The same kNN / linear protocols on raw pixels (kNN on mean-centred pixels)."""
+    train, test = _splits(config)
+    return _protocols(
+        config,
+        list(protocols),
+        pixel_features(train.images),
+        train,
+        pixel_features(test.images),
+        test,
+        center=True,
+    )
+
+
+def embed(
+    run_dir: str | Path | Run,
+    images: str,
+    output: str | Path | None = None,
+    device: str = "auto",
+) -> np.ndarray:
+    """Backbone features of a folder of images or a dataset (`name` or `name:split`).
+
+    Writes a float32 (N, D) .npy when `output` is given; returns the array.
+    """
+    run = run_dir if isinstance(run_dir, Run) else Run(run_dir)
+    info = run.info
+    if Path(images).is_dir():
+        data = DATASETS.build(
+            {"name": "image_folder", "root": images},
+            size=info["image_size"],
+            channels=info["channels"],
+        )
+    else:
+        name, _, split = images.partition(":")
+        if name not in DATASETS:
+            DATASETS.get(name)  # raises: unknown dataset, with the valid names
+        data = DATASETS.build({"name": name}, split=split or "train")
+    if data.shape[0] != info["channels"]:
+        raise ValueError(
+            f"the run was trained on {info['channels']}-channel images, {images} has "
+            f"{data.shape[0]}"
+        )
+    backbone = run.backbone.to(pick_device(device))
+    features = extract(backbone, data.images, run.views.eval_transform, run.config.eval.batch_size)
+    array = features.numpy().astype(np.float32)
+    if output is not None:
+        np.save(output, array)
+    return array
+
+
+def export(run_dir: str | Path | Run, output: str | Path | None = None) -> Path:
+    """Write the backbone's weights as a plain state dict (torchvision / timm key names)."""
+    run = run_dir if isinstance(run_dir, Run) else Run(run_dir)
+    path = Path(output) if output is not None else run.path / "backbone.pt"
+    state = {k: v.detach().clone() for k, v in run.backbone.state_dict().items()}
+    torch.save(state, path)
+    return path
+
+
+def summary(run: Run) -> dict[str, Any]:
+    """Last logged loss, kNN and evaluation results of a run."""
+    out: dict[str, Any] = {}
+    for record in run.metrics:
+        for key in ("loss", "knn_top1", "linear_top1", "step"):
+            if key in record:
+                out[key] = record[key]
+    return out

@@ -1,0 +1,9 @@
+"""Methods register themselves in METHODS on import; one line per method module."""
+
+import selfsup.methods.byol  # noqa: F401
+import selfsup.methods.moco  # noqa: F401
+import selfsup.methods.simclr  # noqa: F401
+import selfsup.methods.simsiam  # noqa: F401
+from selfsup.methods.base import Method, Progress, Views
+
+__all__ = ["Method", "Progress", "Views"]

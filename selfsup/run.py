@@ -1,0 +1,96 @@
+"""The run folder: the only coupling between training and everything after it.
+
+<run>/config.yaml          resolved config (every default written out)
+<run>/data.json            input channels/size, normalisation and classes the model was built for
+<run>/metrics.jsonl        one JSON object per logged step, kNN monitor and evaluation
+<run>/checkpoints/last.pt  method, optimizer, data order and RNG state (atomic)
+<run>/curves.png           loss and kNN curves
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from selfsup.config import Config, resolve
+from selfsup.engine.build import build_method, build_views
+from selfsup.engine.checkpoint import load_checkpoint
+from selfsup.engine.log import read_metrics
+from selfsup.methods.base import Method
+
+
+class Run:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not (self.path / "config.yaml").is_file():
+            raise FileNotFoundError(
+                f"{self.path} is not a run folder (no config.yaml); "
+                f"runs are created by `selfsup train RECIPE`"
+            )
+
+    @classmethod
+    def create(cls, config: Config, info: dict[str, Any]) -> Run:
+        name = config.train.name or (
+            f"{config.method['name']}-{config.data['name']}-{time.strftime('%Y%m%d-%H%M%S')}"
+        )
+        path = Path(config.train.out_dir) / name
+        if (path / "config.yaml").exists():
+            raise FileExistsError(
+                f"run folder {path} exists; continue it with `selfsup train --resume {path}` "
+                f"or choose another train.name"
+            )
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        (path / "data.json").write_text(json.dumps(info, indent=1))
+        return cls(path)
+
+    @cached_property
+    def config(self) -> Config:
+        return resolve(yaml.safe_load((self.path / "config.yaml").read_text()))
+
+    @cached_property
+    def info(self) -> dict[str, Any]:
+        return json.loads((self.path / "data.json").read_text())
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.path / "checkpoints" / "last.pt"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def metrics(self) -> list[dict[str, Any]]:
+        return read_metrics(self.metrics_path)
+
+    def checkpoint(self) -> dict[str, Any]:
+        return load_checkpoint(self.checkpoint_path)
+
+    @cached_property
+    def method(self) -> Method:
+        """The trained method (CPU, eval mode) with the weights of the last checkpoint."""
+        method = build_method(self.config, self.info)
+        method.load_state_dict(self.checkpoint()["method"])
+        return method.eval()
+
+    @property
+    def backbone(self) -> Any:
+        return self.method.backbone
+
+    @cached_property
+    def views(self) -> Any:
+        return build_views(self.config, self.info)
+
+    def __repr__(self) -> str:
+        return f"Run('{self.path}')"
+
+
+def load(run_dir: str | Path) -> Run:
+    """Open a run folder: `.config`, `.method`, `.backbone`, `.metrics`, `.views`."""
+    return Run(run_dir)

@@ -1,0 +1,30 @@
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    """A seconds-long SimCLR run on the synthetic dataset: a raw config dict."""
+    return {
+        "method": {"name": "simclr", "hidden": 64, "dim": 32, "temperature": 0.5},
+        "backbone": {"name": "resnet18", "stem": "small", "width": 0.125},
+        "data": {"name": "synthetic", "per_class": 32, "size": 16},
+        "views": {
+            "name": "simclr",
+            "size": 16,
+            "blur_p": 0.0,
+            "scale": [0.4, 1.0],
+            "strength": 0.5,
+        },
+        "optim": {"name": "sgd", "lr": 0.3, "batch_size": 32, "warmup_epochs": 1},
+        "train": {
+            "epochs": 2,
+            "out_dir": str(tmp_path / "runs"),
+            "name": "tiny",
+            "progress": False,
+            "log_every": 2,
+        },
+        "eval": {"monitor_train": 200, "monitor_test": 100, "knn_k": 20, "linear_epochs": 20},
+    }

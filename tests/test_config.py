@@ -1,0 +1,72 @@
+"""Config resolution: recipes resolve, overrides are typed, unknown keys list the valid ones."""
+
+import pytest
+
+from selfsup.config import apply_overrides, load_config, recipe_names, resolve
+
+BASE = {
+    "method": {"name": "simclr"},
+    "backbone": {"name": "resnet18", "stem": "small", "width": 0.125},
+    "data": {"name": "synthetic"},
+    "views": {"name": "none"},
+}
+
+
+def test_every_recipe_resolves():
+    assert recipe_names(), "no recipes found"
+    for name in recipe_names():
+        config = load_config(name)
+        assert config.method["name"] and config.optim.batch_size > 0
+
+
+def test_overrides_are_yaml_parsed_and_typed():
+    config = resolve(apply_overrides(BASE, ["optim.lr=0.1", "train.epochs=2", "optim.clip=1"]))
+    assert config.optim.lr == 0.1 and config.train.epochs == 2.0 and config.optim.clip == 1.0
+    assert isinstance(config.train.epochs, float)
+
+
+def test_unknown_dataclass_key_names_the_close_match_and_the_valid_keys():
+    with pytest.raises(ValueError) as error:
+        resolve(apply_overrides(BASE, ["optim.learning_rate=0.1"]))
+    message = str(error.value)
+    assert "optim.learning_rate" in message and "did you mean 'lr'" in message
+    assert "batch_size" in message and "weight_decay" in message
+
+
+def test_unknown_registry_key_lists_the_constructor_parameters():
+    with pytest.raises(ValueError) as error:
+        resolve(apply_overrides(BASE, ["method.temprature=0.1"]))
+    message = str(error.value)
+    assert "method.temprature" in message and "did you mean 'temperature'" in message
+    assert "dim=128" in message
+
+
+def test_unknown_names_and_sections_suggest_valid_ones():
+    with pytest.raises(ValueError, match="did you mean 'simclr'"):
+        resolve({**BASE, "method": {"name": "simclrr"}})
+    with pytest.raises(ValueError, match="did you mean 'optim'"):
+        apply_overrides(BASE, ["optimizer.lr=0.1"])
+    with pytest.raises(ValueError, match="section.key=value"):
+        apply_overrides(BASE, ["lr=0.1"])
+
+
+def test_wrong_types_are_rejected_with_the_key():
+    with pytest.raises(ValueError, match="'optim.batch_size' expects int"):
+        resolve(apply_overrides(BASE, ["optim.batch_size=big"]))
+    with pytest.raises(ValueError, match="'train.channels_last' expects true or false"):
+        resolve(apply_overrides(BASE, ["train.channels_last=3"]))
+
+
+def test_engine_supplied_parameters_cannot_be_set_by_a_recipe():
+    with pytest.raises(ValueError, match="set by the engine"):
+        resolve({**BASE, "data": {"name": "synthetic", "split": "test"}})
+
+
+def test_resolved_config_round_trips_through_its_dict():
+    config = resolve(BASE)
+    assert resolve(config.to_dict()) == config
+
+
+def test_missing_recipe_lists_the_recipes():
+    with pytest.raises(FileNotFoundError, match="simclr/fashion_mnist"):
+        load_config("simclr/fashion_mnits")

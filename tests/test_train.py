@@ -1,0 +1,114 @@
+"""The training engine: exact resume, run folder, checkpoints, export and embedding."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import selfsup
+from selfsup.config import resolve
+from selfsup.engine.checkpoint import load_checkpoint, save_atomic
+
+
+def _state(run):
+    return run.checkpoint()
+
+
+def test_resume_gives_the_same_weights_as_training_straight(tiny_config, tmp_path):
+    tiny_config["train"].update(epochs=1, log_every=1)
+    straight = selfsup.train(resolve(tiny_config))
+    total = _state(straight)["step"]
+    tiny_config["train"].update(name="halves", max_steps=total // 2)
+    first_half = selfsup.train(resolve(tiny_config))
+    assert _state(first_half)["step"] == total // 2
+    resumed = selfsup.train(resume=first_half.path, overrides=["train.max_steps=null"])
+    a, b = _state(straight), _state(resumed)
+    assert a["step"] == b["step"] == total == 10
+    for key, value in a["method"].items():
+        assert torch.allclose(value.float(), b["method"][key].float(), atol=1e-6), key
+    assert a["batches"] == b["batches"]
+    assert torch.equal(a["rng"]["augment"], b["rng"]["augment"])
+    losses = lambda run: [r["loss"] for r in run.metrics if "loss" in r]  # noqa: E731
+    assert np.allclose(losses(straight), losses(resumed), atol=1e-5)
+
+
+def test_a_run_folder_holds_config_metrics_checkpoint_and_curves(tiny_config):
+    run = selfsup.train(resolve(tiny_config))
+    for name in ("config.yaml", "data.json", "metrics.jsonl", "checkpoints/last.pt", "curves.png"):
+        assert (run.path / name).is_file(), name
+    knn = [r for r in run.metrics if "knn_top1" in r]
+    assert len(knn) == 2, "the kNN monitor runs once per epoch"
+    loaded = selfsup.load(run.path)
+    assert loaded.config == run.config
+    with pytest.raises(FileExistsError, match="--resume"):
+        selfsup.train(resolve(tiny_config))
+
+
+def test_training_lowers_the_loss_and_learns_features_above_chance(tiny_config):
+    tiny_config["train"].update(epochs=6)
+    run = selfsup.train(resolve(tiny_config))
+    losses = [r["loss"] for r in run.metrics if "loss" in r]
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.1
+    results = selfsup.evaluate(run)
+    assert results["knn_top1"] > 30 and results["linear_top1"] > 30  # 10 classes: chance is 10 %
+    assert json.loads((run.path / "eval.json").read_text())["knn_top1"] == results["knn_top1"]
+
+
+def test_export_writes_backbone_weights_with_torchvision_names(tiny_config, tmp_path):
+    tiny_config["train"].update(epochs=1, knn_every=0)
+    run = selfsup.train(resolve(tiny_config))
+    path = selfsup.export(run.path, tmp_path / "weights.pt")
+    state = torch.load(path, weights_only=True)
+    assert "conv1.weight" in state and "layer4.1.bn2.running_var" in state
+    backbone = selfsup.BACKBONES.build(
+        {"name": "resnet18", "stem": "small", "width": 0.125}, in_channels=1
+    )
+    backbone.load_state_dict(state)  # strict: exactly the backbone's keys
+
+
+def test_embed_writes_one_feature_row_per_image(tiny_config, tmp_path):
+    tiny_config["train"].update(epochs=1, knn_every=0)
+    run = selfsup.train(resolve(tiny_config))
+    out = tmp_path / "feats.npy"
+    features = selfsup.embed(run.path, "synthetic:test", out)
+    assert np.load(out).shape == features.shape
+    assert features.shape[1] == run.backbone.num_features and features.dtype == np.float32
+
+
+def test_atomic_save_keeps_the_old_checkpoint_when_writing_fails(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_atomic({"step": 1}, path)
+
+    def broken_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        save_atomic({"step": 2}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["step"] == 1
+    assert list(tmp_path.iterdir()) == [path], "no temporary file is left behind"
+
+
+def test_an_interrupted_run_saves_its_step_and_resumes(tiny_config, monkeypatch):
+    from selfsup.methods.simclr import SimCLR
+
+    calls = {"n": 0}
+    original = SimCLR.forward
+
+    def forward_then_interrupt(self, views, progress):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return original(self, views, progress)
+
+    monkeypatch.setattr(SimCLR, "forward", forward_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        selfsup.train(resolve(tiny_config))
+    monkeypatch.undo()
+    run = selfsup.load(tiny_config["train"]["out_dir"] + "/tiny")
+    assert run.checkpoint()["step"] == 3
+    resumed = selfsup.train(resume=run.path)
+    assert resumed.checkpoint()["step"] == 20  # 2 epochs of 10 steps
