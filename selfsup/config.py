@@ -202,7 +202,26 @@ def _resolve_spec(section: str, registry: Registry, given: dict[str, Any]) -> di
     registry.check_keys(name, list(spec), where=section)
     for key in ENGINE_SUPPLIED.get(section, set()) & set(spec):
         raise ValueError(f"'{section}.{key}' is set by the engine, not by a recipe")
+    hints = _hints(registry.get(name))
+    for key, value in spec.items():
+        if key in hints and _checkable(hints[key]):
+            spec[key] = _coerce(f"{section}.{key}", value, hints[key])
     return {"name": name, **spec}
+
+
+def _hints(fn: Any) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(fn.__init__ if isinstance(fn, type) else fn)
+    except Exception:  # an annotation that does not resolve: leave those values unchecked
+        return {}
+
+
+def _checkable(annotation: Any) -> bool:
+    """Only plain scalars (and their optional forms) are checked; anything else passes as given."""
+    simple = {int, float, str, bool, type(None)}
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return all(a in simple for a in typing.get_args(annotation))
+    return annotation in simple
 
 
 def _resolve_dataclass(section: str, cls: type, given: dict[str, Any]) -> Any:
@@ -246,6 +265,11 @@ def _coerce(where: str, value: Any, annotation: Any) -> Any:
         return value
     if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 5e-4 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if annotation is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if annotation is str and isinstance(value, str):

@@ -20,7 +20,9 @@ def test_every_recipe_resolves():
 
 
 def test_overrides_are_yaml_parsed_and_typed():
-    config = resolve(apply_overrides(BASE, ["optim.lr=0.1", "train.epochs=2", "optim.clip=1"]))
+    overrides = ["optim.lr=0.1", "train.epochs=2", "optim.clip=1", "optim.weight_decay=5e-4"]
+    config = resolve(apply_overrides(BASE, overrides))
+    assert config.optim.weight_decay == 5e-4  # YAML reads "5e-4" as a string
     assert config.optim.lr == 0.1 and config.train.epochs == 2.0 and config.optim.clip == 1.0
     assert isinstance(config.train.epochs, float)
 
@@ -55,6 +57,13 @@ def test_wrong_types_are_rejected_with_the_key():
         resolve(apply_overrides(BASE, ["optim.batch_size=big"]))
     with pytest.raises(ValueError, match="'train.channels_last' expects true or false"):
         resolve(apply_overrides(BASE, ["train.channels_last=3"]))
+
+
+def test_registry_values_are_typed_from_the_constructor_signature():
+    config = resolve(apply_overrides(BASE, ["method.temperature=5e-1", "method.dim=64"]))
+    assert config.method["temperature"] == 0.5 and config.method["dim"] == 64
+    with pytest.raises(ValueError, match="'method.dim' expects int"):
+        resolve(apply_overrides(BASE, ["method.dim=wide"]))
 
 
 def test_engine_supplied_parameters_cannot_be_set_by_a_recipe():

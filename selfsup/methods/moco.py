@@ -34,7 +34,7 @@ class MoCo(Method):
         dim: int = 128,
         mlp_hidden: int | None = None,  # None: v1's linear head; v2: 2048 (the ResNet-50 width)
         queue_size: int = 65536,  # K (§4.1)
-        momentum: float = 0.999,  # m (§4.1, Table 1)
+        momentum: float = 0.999,  # m: the best of §4.1's ablation (0.9 is worse, 0 fails)
         temperature: float = 0.07,  # τ; v2 uses 0.2
         shuffle_bn_groups: int = 8,  # BN groups of the key batch: MoCo's 8 GPUs (§3.3); 1: off
         symmetric: bool = False,  # both views as query and key (MoCo's CIFAR demo), 2 keys/sample
