@@ -3,6 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/ruff check selfsup tests benchmarks
-.venv/bin/ruff format --check selfsup tests benchmarks
+.venv/bin/python -m ruff check selfsup tests benchmarks
+.venv/bin/python -m ruff format --check selfsup tests benchmarks
 exec .venv/bin/python -m pytest "$@"
