@@ -25,3 +25,20 @@ def test_recipes_and_methods_are_listed(capsys):
 def test_eval_of_a_folder_that_is_not_a_run_says_so(capsys, tmp_path):
     assert main(["eval", "knn", str(tmp_path)]) == 2
     assert "not a run folder" in capsys.readouterr().err
+
+
+def test_train_resume_eval_embed_export_from_the_command_line(tiny_config, tmp_path, capsys):
+    import yaml
+
+    tiny_config["train"].update(epochs=1, knn_every=0, max_steps=3)
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_config))
+    assert main(["train", str(recipe)]) == 0
+    run_dir = tiny_config["train"]["out_dir"] + "/tiny"
+    assert main(["train", "--resume", run_dir, "train.max_steps=null"]) == 0
+    assert main(["eval", "knn", run_dir]) == 0
+    assert "knn_top1" in capsys.readouterr().out
+    assert main(["embed", run_dir, "synthetic:test", "-o", str(tmp_path / "f.npy")]) == 0
+    assert (tmp_path / "f.npy").is_file()
+    assert main(["export", run_dir, "-o", str(tmp_path / "w.pt")]) == 0
+    assert (tmp_path / "w.pt").is_file()
