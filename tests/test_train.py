@@ -112,3 +112,13 @@ def test_an_interrupted_run_saves_its_step_and_resumes(tiny_config, monkeypatch)
     assert run.checkpoint()["step"] == 3
     resumed = selfsup.train(resume=run.path)
     assert resumed.checkpoint()["step"] == 20  # 2 epochs of 10 steps
+
+
+@pytest.mark.slow
+def test_a_compiled_backbone_trains_and_saves_the_plain_parameter_names(tiny_config):
+    # torch.compile wraps the forward only, so checkpoints load into an uncompiled model (~35 s).
+    tiny_config["train"].update(epochs=1, knn_every=0, compile=True)
+    run = selfsup.train(resolve(tiny_config))
+    assert all(np.isfinite(r["loss"]) for r in run.metrics if "loss" in r)
+    assert not any("_orig_mod" in key for key in run.checkpoint()["method"])
+    assert selfsup.load(run.path).method.backbone.num_features == 64
