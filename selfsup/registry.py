@@ -48,6 +48,12 @@ class Registry:
 
         return add
 
+    def add(self, name: str, fn: Callable, doc: str) -> Callable:
+        """Register a generated factory `fn` under `name`, naming and documenting it."""
+        fn.__name__ = fn.__qualname__ = name
+        fn.__doc__ = doc
+        return self.register(name)(fn)
+
     def names(self) -> list[str]:
         return sorted(self._entries)
 

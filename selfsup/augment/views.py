@@ -196,6 +196,7 @@ def moco_v1(
 
 
 @VIEWS.register("moco_v2")
+@VIEWS.register("simsiam")
 def moco_v2(
     size: int | None = 224,
     scale: Sequence[float] = (0.2, 1.0),
@@ -207,24 +208,11 @@ def moco_v2(
     flip_p: float = 0.5,
     num_views: int = 2,
 ) -> MultiView:
-    """MoCo v2 (Chen et al. 2020): v1's crop + SimCLR-style jitter p 0.8, grayscale, blur 0.5."""
+    """MoCo v2 (Chen et al. 2020): v1's crop + SimCLR-style jitter p 0.8, grayscale, blur 0.5.
+
+    Registered as `simsiam` too: SimSiam (Chen & He 2020) uses exactly this augmentation.
+    """
     return MultiView(_specs(**locals()), name="moco_v2")
-
-
-@VIEWS.register("simsiam")
-def simsiam(
-    size: int | None = 224,
-    scale: Sequence[float] = (0.2, 1.0),
-    jitter: Sequence[float] = (0.4, 0.4, 0.4, 0.1),
-    jitter_p: float = 0.8,
-    grayscale_p: float = 0.2,
-    blur_p: float | Sequence[float] = 0.5,
-    solarize_p: float | Sequence[float] = 0.0,
-    flip_p: float = 0.5,
-    num_views: int = 2,
-) -> MultiView:
-    """SimSiam (Chen & He 2020): the MoCo v2 augmentation, crop (0.2, 1)."""
-    return MultiView(_specs(**locals()), name="simsiam")
 
 
 @VIEWS.register("byol")

@@ -7,6 +7,8 @@ runs. Key names match torchvision's `resnet18/34/50` minus `fc`, so export is an
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -149,63 +151,41 @@ class ResNet(nn.Module):
         return torch.flatten(nn.functional.adaptive_avg_pool2d(self.forward_stages(x)[-1], 1), 1)
 
 
-def _resnet(
-    block: type[BasicBlock | Bottleneck],
-    layers: list[int],
-    in_channels: int,
-    image_size: int,
-    stem: str,
-    width: float,
-    zero_init_residual: bool,
-) -> ResNet:
-    del image_size  # convolutions take any size; accepted so every backbone shares one signature
-    return ResNet(
-        block,
-        layers,
-        in_channels=in_channels,
-        stem=stem,
-        width=width,
-        zero_init_residual=zero_init_residual,
-    )
+def _register(
+    name: str, block: type[BasicBlock | Bottleneck], layers: list[int], doc: str
+) -> Callable[..., ResNet]:
+    """A registered factory `name(*, in_channels, image_size, stem, width, zero_init_residual)`."""
+
+    def factory(
+        *,
+        in_channels: int = 3,
+        image_size: int = 224,
+        stem: str = "imagenet",
+        width: float = 1.0,
+        zero_init_residual: bool = False,
+    ) -> ResNet:
+        del image_size  # convolutions take any size; accepted so every backbone shares it
+        return ResNet(
+            block,
+            layers,
+            in_channels=in_channels,
+            stem=stem,
+            width=width,
+            zero_init_residual=zero_init_residual,
+        )
+
+    return BACKBONES.add(name, factory, doc)
 
 
-@BACKBONES.register("resnet18")
-def resnet18(
-    *,
-    in_channels: int = 3,
-    image_size: int = 224,
-    stem: str = "imagenet",
-    width: float = 1.0,
-    zero_init_residual: bool = False,
-) -> ResNet:
-    """ResNet-18: BasicBlocks [2, 2, 2, 2], 512*width features."""
-    args = (in_channels, image_size, stem, width, zero_init_residual)
-    return _resnet(BasicBlock, [2, 2, 2, 2], *args)
-
-
-@BACKBONES.register("resnet34")
-def resnet34(
-    *,
-    in_channels: int = 3,
-    image_size: int = 224,
-    stem: str = "imagenet",
-    width: float = 1.0,
-    zero_init_residual: bool = False,
-) -> ResNet:
-    """ResNet-34: BasicBlocks [3, 4, 6, 3], 512*width features."""
-    args = (in_channels, image_size, stem, width, zero_init_residual)
-    return _resnet(BasicBlock, [3, 4, 6, 3], *args)
-
-
-@BACKBONES.register("resnet50")
-def resnet50(
-    *,
-    in_channels: int = 3,
-    image_size: int = 224,
-    stem: str = "imagenet",
-    width: float = 1.0,
-    zero_init_residual: bool = False,
-) -> ResNet:
-    """ResNet-50: Bottlenecks [3, 4, 6, 3], 2048*width features."""
-    args = (in_channels, image_size, stem, width, zero_init_residual)
-    return _resnet(Bottleneck, [3, 4, 6, 3], *args)
+resnet18 = _register(
+    "resnet18", BasicBlock, [2, 2, 2, 2], "ResNet-18: BasicBlocks [2, 2, 2, 2], 512*width features."
+)
+resnet34 = _register(
+    "resnet34", BasicBlock, [3, 4, 6, 3], "ResNet-34: BasicBlocks [3, 4, 6, 3], 512*width features."
+)
+resnet50 = _register(
+    "resnet50",
+    Bottleneck,
+    [3, 4, 6, 3],
+    "ResNet-50: Bottlenecks [3, 4, 6, 3], 2048*width features.",
+)

@@ -9,6 +9,7 @@ frozen random patch projection, which it found to stabilise training.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -181,73 +182,35 @@ class VisionTransformer(nn.Module):
         return self.norm(x)[:, 0]
 
 
-@BACKBONES.register("vit_tiny")
-def vit_tiny(
-    *,
-    in_channels: int = 3,
-    image_size: int = 224,
-    patch_size: int = 16,
-    drop_path: float = 0.0,
-    pos_embedding: str = "learned",
-    freeze_patch_embed: bool = False,
-) -> VisionTransformer:
-    """ViT-Tiny: 192 dims, 12 blocks, 3 heads."""
-    return VisionTransformer(
-        embed_dim=192,
-        depth=12,
-        num_heads=3,
-        patch_size=patch_size,
-        image_size=image_size,
-        in_channels=in_channels,
-        drop_path=drop_path,
-        pos_embedding=pos_embedding,
-        freeze_patch_embed=freeze_patch_embed,
-    )
+def _register(
+    name: str, embed_dim: int, num_heads: int, doc: str
+) -> Callable[..., VisionTransformer]:
+    """A registered 12-block factory `name(*, in_channels, image_size, patch_size, ...)`."""
+
+    def factory(
+        *,
+        in_channels: int = 3,
+        image_size: int = 224,
+        patch_size: int = 16,
+        drop_path: float = 0.0,
+        pos_embedding: str = "learned",
+        freeze_patch_embed: bool = False,
+    ) -> VisionTransformer:
+        return VisionTransformer(
+            embed_dim=embed_dim,
+            depth=12,
+            num_heads=num_heads,
+            patch_size=patch_size,
+            image_size=image_size,
+            in_channels=in_channels,
+            drop_path=drop_path,
+            pos_embedding=pos_embedding,
+            freeze_patch_embed=freeze_patch_embed,
+        )
+
+    return BACKBONES.add(name, factory, doc)
 
 
-@BACKBONES.register("vit_small")
-def vit_small(
-    *,
-    in_channels: int = 3,
-    image_size: int = 224,
-    patch_size: int = 16,
-    drop_path: float = 0.0,
-    pos_embedding: str = "learned",
-    freeze_patch_embed: bool = False,
-) -> VisionTransformer:
-    """ViT-Small: 384 dims, 12 blocks, 6 heads."""
-    return VisionTransformer(
-        embed_dim=384,
-        depth=12,
-        num_heads=6,
-        patch_size=patch_size,
-        image_size=image_size,
-        in_channels=in_channels,
-        drop_path=drop_path,
-        pos_embedding=pos_embedding,
-        freeze_patch_embed=freeze_patch_embed,
-    )
-
-
-@BACKBONES.register("vit_base")
-def vit_base(
-    *,
-    in_channels: int = 3,
-    image_size: int = 224,
-    patch_size: int = 16,
-    drop_path: float = 0.0,
-    pos_embedding: str = "learned",
-    freeze_patch_embed: bool = False,
-) -> VisionTransformer:
-    """ViT-Base: 768 dims, 12 blocks, 12 heads."""
-    return VisionTransformer(
-        embed_dim=768,
-        depth=12,
-        num_heads=12,
-        patch_size=patch_size,
-        image_size=image_size,
-        in_channels=in_channels,
-        drop_path=drop_path,
-        pos_embedding=pos_embedding,
-        freeze_patch_embed=freeze_patch_embed,
-    )
+vit_tiny = _register("vit_tiny", 192, 3, "ViT-Tiny: 192 dims, 12 blocks, 3 heads.")
+vit_small = _register("vit_small", 384, 6, "ViT-Small: 384 dims, 12 blocks, 6 heads.")
+vit_base = _register("vit_base", 768, 12, "ViT-Base: 768 dims, 12 blocks, 12 heads.")
