@@ -74,14 +74,19 @@ def main() -> None:
     pixels = pixel_baselines(load_config(args.recipes[0], args.set))
     (args.out / "budget.json").write_text(json.dumps({"rows": rows, "pixels": pixels}, indent=1))
     k = load_config(args.recipes[0], args.set).eval.knn_k
-    print(f"\n| recipe | epochs | pre-training | kNN top-1 (k={k}) | linear top-1 |")
+    print(f"\n| recipe | epochs | pre-training | kNN top-1 (k={k}) | linear top-1 (penalty) |")
     print("|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['recipe']} | {r['epochs']:g} | {format_duration(r['pretrain_seconds'])} | "
-            f"{r['knn_top1']:.2f} | {r['linear_top1']:.2f} |"
+            f"{r['knn_top1']:.2f} | {_linear(r)} |"
         )
-    print(f"| raw pixels | – | – | {pixels['knn_top1']:.2f} | {pixels['linear_top1']:.2f} |")
+    print(f"| raw pixels | – | – | {pixels['knn_top1']:.2f} | {_linear(pixels)} |")
+
+
+def _linear(result: dict) -> str:
+    penalty = result.get("linear_weight_decay")
+    return f"{result['linear_top1']:.2f}" + (f" ({penalty:g})" if penalty is not None else "")
 
 
 if __name__ == "__main__":

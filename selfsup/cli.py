@@ -92,7 +92,8 @@ def _eval(args: argparse.Namespace) -> int:
     protocols = list(PROTOCOLS) if args.protocol == "all" else [args.protocol]
     results = evaluate(args.run_dir, protocols, device=args.device)
     for key, value in results.items():
-        print(f"{key:14s} {value:6.2f}")
+        shown = f"{value:g}" if key.endswith("weight_decay") else f"{value:6.2f}"
+        print(f"{key:20s} {shown}")
     return 0
 
 

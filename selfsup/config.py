@@ -63,6 +63,9 @@ class EvalConfig:
     monitor_train: int = 10000  # bank size of the online kNN monitor (a fixed subset of train)
     monitor_test: int = 2000  # test images used by the online monitor
     linear_epochs: int = 100  # L-BFGS iterations of the linear probe (each ~one pass over the data)
+    # the probe's L2 penalty: one value, or candidates chosen from on a held-out part of train
+    linear_weight_decay: float | tuple[float, ...] = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
+    linear_val_fraction: float = 0.1
     batch_size: int = 512  # feature extraction batch
     test_split: str = "test"
 

@@ -67,9 +67,13 @@ def _protocols(
             test_f,
             test.labels,
             epochs=config.eval.linear_epochs,
+            weight_decay=config.eval.linear_weight_decay,
+            val_fraction=config.eval.linear_val_fraction,
             seed=config.train.seed,
         )
         results.update(linear_top1=out["top1"], linear_top5=out["top5"])
+        if "weight_decay" in out:
+            results["linear_weight_decay"] = out["weight_decay"]
     return results
 
 

@@ -79,3 +79,15 @@ def test_resolved_config_round_trips_through_its_dict():
 def test_missing_recipe_lists_the_recipes():
     with pytest.raises(FileNotFoundError, match="simclr/fashion_mnist"):
         load_config("simclr/fashion_mnits")
+
+
+def test_linear_weight_decay_is_one_value_or_a_list_of_candidates():
+    assert load_config("simclr/fashion_mnist").eval.linear_weight_decay == (
+        1e-2, 1e-3, 1e-4, 1e-5, 1e-6,
+    )  # fmt: skip
+    fixed = load_config("simclr/fashion_mnist", ["eval.linear_weight_decay=1e-3"])
+    assert fixed.eval.linear_weight_decay == 1e-3
+    listed = load_config("simclr/fashion_mnist", ["eval.linear_weight_decay=[1e-3, 1e-4]"])
+    assert listed.eval.linear_weight_decay == (1e-3, 1e-4)
+    with pytest.raises(ValueError, match="eval.linear_weight_decay"):
+        load_config("simclr/fashion_mnist", ["eval.linear_weight_decay=strong"])

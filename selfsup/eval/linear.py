@@ -3,10 +3,16 @@
 The probe is convex, so it is solved to its optimum with full-batch L-BFGS (strong-Wolfe line
 search) from zero weights, as scikit-learn's LogisticRegression does, instead of tuning an SGD
 schedule: the score then measures the features, not the optimiser. An L2 penalty on the weights
-(not the bias) is the only regulariser.
+(not the bias) is the only regulariser; its strength is chosen per feature set on a held-out part
+of the training split (`select_weight_decay`), as the linear transfer evaluations of SimCLR and
+its successors choose theirs on validation data, because the best value differs between feature
+sets: on Fashion-MNIST raw pixels (784-d) want 1e-3 and 128-d learned features 1e-5 or less, and
+any one fixed value favours one of them (docs/benchmarks.md).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +36,8 @@ def linear_probe(
     *,
     epochs: int = 100,
     lr: float = 1.0,
-    weight_decay: float = 1e-3,
+    weight_decay: float | Sequence[float] = 1e-3,
+    val_fraction: float = 0.1,
     batch_size: int | None = None,
     seed: int = 0,
     standardize: bool = True,
@@ -39,16 +46,35 @@ def linear_probe(
     """Top-1/top-5 test accuracy in % of a logistic regression trained on (N_train, D) features.
 
     Minimises mean cross-entropy + weight_decay / 2 * ||W||^2 over a single nn.Linear(D, C).
+    With several `weight_decay` candidates, the one with the best accuracy on a held-out
+    `val_fraction` of the training rows is chosen (`select_weight_decay`), then the probe is
+    trained on all training rows with it; the result then also holds "weight_decay".
 
     Args:
         epochs: L-BFGS iterations; each costs about one pass over the training features.
         lr: L-BFGS step scale (1.0 lets the line search pick the step).
         batch_size: rows per forward/backward chunk when the (N, C) logits would not fit at once;
             the gradient is the full-batch one either way. None: all rows together.
-        seed: accepted so every protocol takes one; the solve from zero weights uses no
-            randomness, so equal inputs always give equal results.
+        val_fraction: share of the training rows held out to choose the weight decay.
+        seed: the held-out rows' permutation; the solve itself starts from zero weights and uses
+            no randomness, so equal inputs always give equal results.
         device: where to train; None keeps the features' device.
     """
+    extra: dict[str, float] = {}
+    if not isinstance(weight_decay, (int, float)):
+        weight_decay = select_weight_decay(
+            train_features,
+            train_labels,
+            weight_decay,
+            val_fraction=val_fraction,
+            seed=seed,
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+            standardize=standardize,
+            device=device,
+        )
+        extra["weight_decay"] = weight_decay
     device = torch.device(device) if device is not None else train_features.device
     x_train = train_features.detach().to(device, torch.float32)
     x_test = test_features.detach().to(device, torch.float32)
@@ -79,4 +105,50 @@ def linear_probe(
 
     optimizer.step(objective)
     with torch.no_grad():
-        return accuracy(classifier(x_test), y_test)
+        return {**accuracy(classifier(x_test), y_test), **extra}
+
+
+def validation_split(n: int, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """(fit rows, held-out rows) of n rows: a seeded permutation, its first part held out."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"the validation fraction must be in (0, 1), got {fraction}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    held_out = max(1, round(n * fraction))
+    return order[held_out:], order[:held_out]
+
+
+def select_weight_decay(
+    features: Tensor,
+    labels: Tensor,
+    candidates: Sequence[float],
+    *,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    **probe: object,
+) -> float:
+    """The candidate with the best top-1 on a held-out part of the training rows.
+
+    Each candidate's probe is fitted on the other rows (`validation_split`); ties go to the
+    stronger penalty. `probe` holds linear_probe's other keyword arguments.
+    """
+    candidates = [float(c) for c in candidates]
+    if not candidates:
+        raise ValueError("select_weight_decay needs at least one candidate")
+    if len(candidates) == 1:
+        return candidates[0]
+    fit, held_out = validation_split(len(features), val_fraction, seed)
+    labels = labels.to(features.device)
+    fit, held_out = fit.to(features.device), held_out.to(features.device)
+    scores = {
+        wd: linear_probe(
+            features[fit],
+            labels[fit],
+            features[held_out],
+            labels[held_out],
+            weight_decay=wd,
+            seed=seed,
+            **probe,
+        )["top1"]
+        for wd in candidates
+    }
+    return max(candidates, key=lambda wd: (scores[wd], wd))
