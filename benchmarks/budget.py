@@ -71,9 +71,10 @@ def main() -> None:
         f"{torch.get_num_threads()} threads, budget {args.minutes:g} min"
     )
     rows = [run_one(r, args.set, args.minutes, args.fill, args.out) for r in args.recipes]
-    pixels = pixel_baselines(load_config(args.recipes[0], args.set))
+    first = load_config(args.recipes[0], args.set)
+    pixels = pixel_baselines(first)
     (args.out / "budget.json").write_text(json.dumps({"rows": rows, "pixels": pixels}, indent=1))
-    k = load_config(args.recipes[0], args.set).eval.knn_k
+    k = first.eval.knn_k
     print(f"\n| recipe | epochs | pre-training | kNN top-1 (k={k}) | linear top-1 (penalty) |")
     print("|---|---|---|---|---|")
     for r in rows:

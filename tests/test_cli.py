@@ -38,6 +38,9 @@ def test_train_resume_eval_embed_export_from_the_command_line(tiny_config, tmp_p
     assert main(["train", "--resume", run_dir, "train.max_steps=null"]) == 0
     assert main(["eval", "knn", run_dir]) == 0
     assert "knn_top1" in capsys.readouterr().out
+    assert main(["eval", "linear", run_dir]) == 0
+    printed = dict(line.split() for line in capsys.readouterr().out.splitlines())
+    assert float(printed["linear_weight_decay"]) in (1e-2, 1e-3, 1e-4, 1e-5, 1e-6)  # not "0.00"
     assert main(["embed", run_dir, "synthetic:test", "-o", str(tmp_path / "f.npy")]) == 0
     assert (tmp_path / "f.npy").is_file()
     assert main(["export", run_dir, "-o", str(tmp_path / "w.pt")]) == 0
