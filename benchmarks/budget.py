@@ -3,9 +3,9 @@
     python benchmarks/budget.py --minutes 15 simclr/fashion_mnist moco_v2/fashion_mnist \\
         byol/fashion_mnist simsiam/fashion_mnist
 
-Each recipe's throughput is measured first (`throughput.py`'s full training steps); its epochs are
-then set so that pre-training fills the budget (`--fill` of it, leaving room for the per-epoch kNN
-monitor and checkpoints), and the LR schedule runs to its end within it. The run is then evaluated
+Each recipe trains with `train.budget_minutes`: the engine measures its throughput on the first
+steps, sets the epochs so that pre-training (with its kNN monitor) fills the budget, and the LR
+schedule runs to its end within it. The run is then evaluated
 by kNN and the linear probe on the test split, like `selfsup demo`. The table gives the measured
 pre-training time next to the budget, and the raw-pixel baselines by the same protocols.
 Everything else is the recipe's own; `--set` overrides apply to every recipe.
@@ -20,26 +20,21 @@ import time
 from pathlib import Path
 
 import torch
-from throughput import measure
 
 from selfsup.config import load_config
-from selfsup.engine.build import load_data
 from selfsup.engine.log import format_duration
 from selfsup.engine.train import train
-from selfsup.evaluate import evaluate, pixel_baselines
+from selfsup.eval.protocols import evaluate, pixel_baselines
 
 
-def run_one(recipe: str, overrides: list[str], minutes: float, fill: float, out: Path) -> dict:
-    img_per_s = measure(recipe, overrides, steps=4, warmup=1, step_only=True)["img_per_s"]
+def run_one(recipe: str, overrides: list[str], minutes: float, out: Path) -> dict:
     config = load_config(recipe, overrides)
-    images = len(load_data(config, "train").images)
-    epochs = round(minutes * 60 * fill * img_per_s / images, 2)
     name = recipe.replace("/", "_")
     began = time.perf_counter()
     run = train(
         config.replace(
             [
-                f"train.epochs={epochs}",
+                f"train.budget_minutes={minutes}",
                 f"train.out_dir={out}",
                 f"train.name={name}",
                 "train.progress=false",
@@ -50,8 +45,7 @@ def run_one(recipe: str, overrides: list[str], minutes: float, fill: float, out:
     results = evaluate(run)
     return {
         "recipe": recipe,
-        "calibrated_img_per_s": img_per_s,
-        "epochs": epochs,
+        "epochs": run.config.train.epochs,
         "pretrain_seconds": seconds,
         "run": str(run.path),
         **results,
@@ -62,7 +56,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipes", nargs="+")
     parser.add_argument("--minutes", type=float, default=15.0, help="pre-training budget")
-    parser.add_argument("--fill", type=float, default=0.95, help="share of the budget planned")
     parser.add_argument("--set", nargs="*", default=[], help="overrides for every recipe")
     parser.add_argument("--out", type=Path, default=Path("runs/budget"))
     args = parser.parse_args()
@@ -70,7 +63,7 @@ def main() -> None:
         f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, budget {args.minutes:g} min"
     )
-    rows = [run_one(r, args.set, args.minutes, args.fill, args.out) for r in args.recipes]
+    rows = [run_one(r, args.set, args.minutes, args.out) for r in args.recipes]
     first = load_config(args.recipes[0], args.set)
     pixels = pixel_baselines(first)
     (args.out / "budget.json").write_text(json.dumps({"rows": rows, "pixels": pixels}, indent=1))
@@ -79,7 +72,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['recipe']} | {r['epochs']:g} | {format_duration(r['pretrain_seconds'])} | "
+            f"| {r['recipe']} | {r['epochs']:.3g} | {format_duration(r['pretrain_seconds'])} | "
             f"{r['knn_top1']:.2f} | {_linear(r)} |"
         )
     print(f"| raw pixels | – | – | {pixels['knn_top1']:.2f} | {_linear(pixels)} |")

@@ -22,12 +22,9 @@ from typing import Any
 
 import torch
 
+from selfsup.build import load_data
 from selfsup.config import load_config
-from selfsup.data.loader import Batches
-from selfsup.engine.build import build_method, build_views, data_info, load_data, pick_device
-from selfsup.engine.optim import build_optimizer
-from selfsup.engine.train import Precision, training_step
-from selfsup.methods.base import Progress
+from selfsup.engine.train import Parts
 
 
 def _timed(fn, steps: int, warmup: int) -> float:  # noqa: ANN001
@@ -65,33 +62,12 @@ def measure(
 ) -> dict[str, Any]:
     """img/s, efficiency, augment share and backbone work of `recipe` (img/s only: `step_only`)."""
     config = load_config(recipe, overrides)
-    device = pick_device(config.train.device)
-    torch.manual_seed(0)
-    data = load_data(config, "train")
-    views = build_views(config)
-    info = data_info(data, views)
-    views.set_stats(info["mean"], info["std"])
-    memory_format = torch.channels_last if config.train.channels_last else torch.contiguous_format
-    method = build_method(config, info).to(device).to(memory_format=memory_format).train()
-    optimizer = build_optimizer(method, config.optim)
-    batches = Batches(data.images.to(device), config.optim.batch_size, seed=0)
-    generator = torch.Generator(device).manual_seed(0)
-    precision = Precision(config.train.precision, device)
-    progress = Progress(0, 0.0, 0.0)
+    parts = Parts.build(config.replace(["train.epochs=1000000"]), load_data(config, "train"))
+    method, device, memory_format = parts.method.train(), parts.device, parts.memory_format
+    counter = iter(range(10**9))
 
     def step() -> None:
-        images, index = batches.next()
-        out = training_step(
-            method,
-            optimizer,
-            views(images, generator),
-            index,
-            progress,
-            precision,
-            config.optim.clip,
-            memory_format,
-        )
-        out["loss"].item()  # wait for the device
+        parts.step(next(counter))["loss"].item()  # .item(): wait for the device
 
     calls = backbone_calls(method, step)
     inputs = [
@@ -109,7 +85,7 @@ def measure(
         method.zero_grad(set_to_none=True)
 
     def augment_only() -> None:
-        views(batches.next()[0], generator)
+        parts.views(parts.batches.next()[0], parts.generator)
 
     step_time = _timed(step, steps, warmup)
     batch = config.optim.batch_size

@@ -3,12 +3,13 @@
 run = selfsup.train("simclr/fashion_mnist", ["train.epochs=1"])
 selfsup.evaluate(run)                      # {"knn_top1": ..., "linear_top1": ...}
 features = selfsup.embed(run, "fashion_mnist:test")
+tuned = selfsup.finetune(run)              # its encoder + a new head, trained on the labels
 """
 
 from selfsup.backbones import create_backbone
 from selfsup.config import Config, load_config
-from selfsup.engine.train import train
-from selfsup.evaluate import embed, evaluate, export, pixel_baselines
+from selfsup.engine.train import finetune, train
+from selfsup.eval.protocols import embed, evaluate, export, pixel_baselines
 from selfsup.registry import BACKBONES, DATASETS, METHODS, VIEWS
 from selfsup.run import Run, load
 
@@ -23,6 +24,7 @@ __all__ = [
     "embed",
     "evaluate",
     "export",
+    "finetune",
     "load",
     "load_config",
     "pixel_baselines",

@@ -36,11 +36,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="pre-train a recipe, or resume a run")
+    p = sub.add_parser("train", help="train a recipe (any method or task), or resume a run")
     p.add_argument("recipe", nargs="?", help="recipe name (see `selfsup recipes`) or YAML path")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=0.1")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("finetune", help="fine-tune a run's encoder with a new head on labels")
+    p.add_argument("run_dir", help="the pre-trained run")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. method.freeze_to=layer3")
+    p.add_argument("--recipe", help="fine-tuning recipe (default: finetune/<the run's dataset>)")
+    p.set_defaults(func=_finetune)
 
     p = sub.add_parser("eval", help="evaluate a run's encoder: knn, linear")
     p.add_argument("protocol", choices=["knn", "linear", "all"])
@@ -48,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_eval)
 
-    p = sub.add_parser("embed", help="write backbone features of images or a dataset to .npy")
+    p = sub.add_parser("embed", help="write encoder features of images or a dataset to .npy")
     p.add_argument("run_dir")
     p.add_argument("images", help="a folder of images, or a dataset name[:split]")
     p.add_argument("-o", "--output", required=True, help="output .npy file")
@@ -57,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="write the encoder weights as a plain state dict")
     p.add_argument("run_dir")
-    p.add_argument("-o", "--output", help="output file (default RUN_DIR/backbone.pt)")
+    p.add_argument("-o", "--output", help="output file (default RUN_DIR/encoder.pt)")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("recipes", help="list the recipes")
@@ -86,8 +92,16 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune(args: argparse.Namespace) -> int:
+    from selfsup.engine.train import finetune
+
+    run = finetune(args.run_dir, args.overrides, args.recipe)
+    print(f"run folder: {run.path}")
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
-    from selfsup.evaluate import PROTOCOLS, evaluate
+    from selfsup.eval.protocols import PROTOCOLS, evaluate
 
     protocols = list(PROTOCOLS) if args.protocol == "all" else [args.protocol]
     results = evaluate(args.run_dir, protocols, device=args.device)
@@ -98,7 +112,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _embed(args: argparse.Namespace) -> int:
-    from selfsup.evaluate import embed
+    from selfsup.eval.protocols import embed
 
     array = embed(args.run_dir, args.images, args.output, device=args.device)
     print(f"wrote {args.output}: {array.shape[0]} x {array.shape[1]} float32")
@@ -106,7 +120,7 @@ def _embed(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from selfsup.evaluate import export
+    from selfsup.eval.protocols import export
 
     print(f"wrote {export(args.run_dir, args.output)}")
     return 0
@@ -128,7 +142,7 @@ def _methods(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from selfsup.engine.train import train
-    from selfsup.evaluate import evaluate, pixel_baselines
+    from selfsup.eval.protocols import evaluate, pixel_baselines
 
     config = load_config(args.recipe, args.overrides)
     began = time.perf_counter()

@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from selfsup.methods.base import SUPPLIED
+from selfsup.params import Group
 from selfsup.registry import BACKBONES, DATASETS, METHODS, VIEWS, Registry, suggest
 
 
@@ -27,6 +29,10 @@ class OptimConfig:
     lr_scaling: str = "linear"  # linear: lr × batch_size / 256 (SimCLR, MoCo v3, BYOL); none
     batch_size: int = 256
     weight_decay: float = 1e-6
+    final_weight_decay: float | None = None  # cosine from weight_decay to this; None: constant
+    # False: norms and biases (parameters with ndim <= 1) get no weight decay and no LARS
+    # adaptation (SimCLR, BYOL); true: everything is decayed (MoCo's and SimSiam's code)
+    decay_norms_and_biases: bool = False
     momentum: float = 0.9  # sgd / lars momentum
     betas: tuple[float, float] = (0.9, 0.999)  # adamw
     warmup_epochs: float = 10.0  # linear warm-up, then cosine decay to final_lr
@@ -34,15 +40,22 @@ class OptimConfig:
     schedule: str = "cosine"  # cosine | constant (after warm-up)
     clip: float | None = None  # max gradient norm; None: no clipping
     lars_eta: float = 0.001  # LARS trust coefficient (You et al. 2017)
+    # parameter-name prefix -> its own lr, fixed lr, weight decay (schedule), frozen epochs;
+    # replaces the method's group of that prefix (selfsup/params.py)
+    groups: dict[str, Group] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: float = 100.0
+    # a wall-clock budget instead: the epochs are chosen from the throughput of the first steps
+    # and written to the run's config.yaml (train.epochs) so that the run can be replayed
+    budget_minutes: float | None = None
     max_steps: int | None = None  # stop after this many steps (the schedule still spans `epochs`)
     seed: int = 0
     # method: as the paper; stop_gradient: every EMA target becomes a stop-gradient copy (seed 002)
     target: str = "method"
+    init: str | None = None  # run folder whose encoder a fine-tuning method starts from
     device: str = "auto"  # auto | cpu | cuda | cuda:1 | mps
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | fp32 | bf16 | fp16
     channels_last: bool = True  # ~1.35x faster convolutions on CPU
@@ -70,6 +83,55 @@ class EvalConfig:
     test_split: str = "test"
 
 
+def _at_least(low: float, strict: bool = False) -> tuple[Any, str]:
+    return (lambda v: v > low) if strict else (
+        lambda v: v >= low
+    ), f"{'>' if strict else '>='} {low:g}"
+
+
+POSITIVE, NON_NEGATIVE = _at_least(0, strict=True), _at_least(0)
+# Allowed values of the numeric settings: a bad one fails when the config is read, not mid-run.
+LIMITS: dict[type, dict[str, tuple[Any, str]]] = {
+    OptimConfig: {
+        "lr": NON_NEGATIVE,
+        "batch_size": POSITIVE,
+        "weight_decay": NON_NEGATIVE,
+        "final_weight_decay": NON_NEGATIVE,
+        "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+        "warmup_epochs": NON_NEGATIVE,
+        "final_lr": NON_NEGATIVE,
+        "clip": POSITIVE,
+        "lars_eta": POSITIVE,
+    },
+    TrainConfig: {
+        "epochs": POSITIVE,
+        "budget_minutes": POSITIVE,
+        "max_steps": POSITIVE,
+        "threads": POSITIVE,
+        "checkpoint_minutes": POSITIVE,
+        "log_every": POSITIVE,
+        "knn_every": NON_NEGATIVE,
+    },
+    EvalConfig: {
+        "knn_k": POSITIVE,
+        "knn_temperature": POSITIVE,
+        "monitor_train": POSITIVE,
+        "monitor_test": POSITIVE,
+        "linear_epochs": POSITIVE,
+        "linear_weight_decay": NON_NEGATIVE,
+        "linear_val_fraction": (lambda v: 0 < v < 1, "in (0, 1)"),
+        "batch_size": POSITIVE,
+    },
+}
+
+
+def _check_limits(section: str, value: Any) -> None:
+    for key, (ok, allowed) in LIMITS.get(type(value), {}).items():
+        given = getattr(value, key)
+        if given is not None and not all(map(ok, given if isinstance(given, tuple) else [given])):
+            raise ValueError(f"'{section}.{key}' must be {allowed}, got {given!r}")
+
+
 SECTIONS: dict[str, Registry | type] = {
     "method": METHODS,
     "backbone": BACKBONES,
@@ -80,7 +142,11 @@ SECTIONS: dict[str, Registry | type] = {
     "eval": EvalConfig,
 }
 # Values the engine passes to registry entries itself; a recipe may not set them.
-ENGINE_SUPPLIED = {"method": {"backbone"}, "data": {"split"}}
+ENGINE_SUPPLIED = {
+    "method": set(SUPPLIED),
+    "backbone": {"in_channels", "image_size"},
+    "data": {"split"},
+}
 
 
 @dataclass(frozen=True)
@@ -202,9 +268,10 @@ def _resolve_spec(section: str, registry: Registry, given: dict[str, Any]) -> di
     spec = dict(given)
     name = spec.pop("name")
     registry.get(name)  # unknown name -> did-you-mean error
-    registry.check_keys(name, list(spec), where=section)
-    for key in ENGINE_SUPPLIED.get(section, set()) & set(spec):
+    supplied = ENGINE_SUPPLIED.get(section, set())
+    for key in supplied & set(spec):
         raise ValueError(f"'{section}.{key}' is set by the engine, not by a recipe")
+    registry.check_keys(name, list(spec), where=section, hidden=supplied)
     hints = _hints(registry.get(name))
     for key, value in spec.items():
         if key in hints and _checkable(hints[key]):
@@ -227,7 +294,11 @@ def _checkable(annotation: Any) -> bool:
     return annotation in simple
 
 
-def _resolve_dataclass(section: str, cls: type, given: dict[str, Any]) -> Any:
+def _resolve_dataclass(section: str, cls: type, given: Any) -> Any:
+    if isinstance(given, cls):
+        return given
+    if not isinstance(given, dict):
+        raise ValueError(f"'{section}' expects a mapping, got {given!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     kwargs = {}
@@ -238,7 +309,12 @@ def _resolve_dataclass(section: str, cls: type, given: dict[str, Any]) -> Any:
                 f"unknown key '{section}.{key}'{suggest(key, list(fields))}; valid: {listing}"
             )
         kwargs[key] = _coerce(f"{section}.{key}", value, hints[key])
-    return cls(**kwargs)
+    try:
+        value = cls(**kwargs)
+    except ValueError as error:
+        raise ValueError(f"'{section}': {error}") from None
+    _check_limits(section, value)
+    return value
 
 
 def _coerce(where: str, value: Any, annotation: Any) -> Any:
@@ -257,6 +333,18 @@ def _coerce(where: str, value: Any, annotation: Any) -> Any:
             except ValueError as error:
                 errors.append(str(error))
         raise ValueError(errors[0])
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"'{where}' expects a mapping, got {value!r}")
+        key_type, value_type = typing.get_args(annotation)
+        return {
+            _coerce(where, k, key_type): (
+                _resolve_dataclass(f"{where}.{k}", value_type, v or {})
+                if dataclasses.is_dataclass(value_type)
+                else _coerce(f"{where}.{k}", v, value_type)
+            )
+            for k, v in value.items()
+        }
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"'{where}' expects a list, got {value!r}")

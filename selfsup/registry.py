@@ -73,9 +73,14 @@ class Registry:
         doc = inspect.getdoc(self.get(name)) or ""
         return doc.splitlines()[0] if doc else ""
 
-    def check_keys(self, name: str, keys: list[str], where: str | None = None) -> None:
-        """Raise if any key is not a parameter of entry `name`, listing the valid keys."""
-        valid = parameters(self.get(name))
+    def check_keys(
+        self, name: str, keys: list[str], where: str | None = None, hidden: set[str] = frozenset()
+    ) -> None:
+        """Raise if any key is not a parameter of entry `name`, listing the valid keys.
+
+        `hidden` parameters (those the engine supplies) are neither valid nor listed.
+        """
+        valid = {k: p for k, p in parameters(self.get(name)).items() if k not in hidden}
         for key in keys:
             if key not in valid:
                 prefix = f"{where}." if where else ""

@@ -5,6 +5,7 @@
 <run>/metrics.jsonl        one JSON object per logged step, kNN monitor and evaluation
 <run>/checkpoints/last.pt  method, optimizer, data order and RNG state (atomic)
 <run>/curves.png           loss and kNN curves
+<run>/init/                config.yaml and data.json of the run train.init named (fine-tuning)
 """
 
 from __future__ import annotations
@@ -17,10 +18,9 @@ from typing import Any
 
 import yaml
 
-from selfsup.config import Config, resolve
-from selfsup.engine.build import build_method, build_views
-from selfsup.engine.checkpoint import load_checkpoint
-from selfsup.engine.log import read_metrics
+from selfsup.build import build_method, build_views, copy_run_files, read_run_files
+from selfsup.config import Config
+from selfsup.files import load_checkpoint, read_metrics
 from selfsup.methods.base import Method
 
 
@@ -47,15 +47,17 @@ class Run:
         path.mkdir(parents=True, exist_ok=True)
         (path / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         (path / "data.json").write_text(json.dumps(info, indent=1))
+        if config.train.init is not None:
+            copy_run_files(Path(config.train.init), path / "init")
         return cls(path)
 
     @cached_property
     def config(self) -> Config:
-        return resolve(yaml.safe_load((self.path / "config.yaml").read_text()))
+        return read_run_files(self.path)[0]
 
     @cached_property
     def info(self) -> dict[str, Any]:
-        return json.loads((self.path / "data.json").read_text())
+        return read_run_files(self.path)[1]
 
     @property
     def checkpoint_path(self) -> Path:
@@ -75,13 +77,14 @@ class Run:
     @cached_property
     def method(self) -> Method:
         """The trained method (CPU, eval mode) with the weights of the last checkpoint."""
-        method = build_method(self.config, self.info)
+        method = build_method(self.config, self.info, self.path)
         method.load_state_dict(self.checkpoint()["method"])
         return method.eval()
 
     @property
-    def backbone(self) -> Any:
-        return self.method.backbone
+    def encoder(self) -> Any:
+        """The trained method's representation (`Method.encoder`)."""
+        return self.method.encoder
 
     @cached_property
     def views(self) -> Any:
@@ -92,5 +95,5 @@ class Run:
 
 
 def load(run_dir: str | Path) -> Run:
-    """Open a run folder: `.config`, `.method`, `.backbone`, `.metrics`, `.views`."""
+    """Open a run folder: `.config`, `.method`, `.encoder`, `.metrics`, `.views`."""
     return Run(run_dir)

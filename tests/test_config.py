@@ -1,6 +1,7 @@
 """Config resolution: recipes resolve, overrides are typed, unknown keys list the valid ones."""
 
 import pytest
+from torch import nn
 
 from selfsup.config import apply_overrides, load_config, recipe_names, resolve
 
@@ -91,3 +92,27 @@ def test_linear_weight_decay_is_one_value_or_a_list_of_candidates():
     assert listed.eval.linear_weight_decay == (1e-3, 1e-4)
     with pytest.raises(ValueError, match="eval.linear_weight_decay"):
         load_config("simclr/fashion_mnist", ["eval.linear_weight_decay=strong"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.batch_size=0", "'optim.batch_size' must be > 0, got 0"),
+        ("optim.batch_size=-4", "'optim.batch_size' must be > 0, got -4"),
+        ("train.epochs=-3", "'train.epochs' must be > 0"),
+        ("optim.momentum=1.5", "'optim.momentum' must be in \\[0, 1\\)"),
+        ("eval.linear_weight_decay=[0.1, -1]", "'eval.linear_weight_decay' must be >= 0"),
+        ("train.budget_minutes=0", "'train.budget_minutes' must be > 0"),
+    ],
+)
+def test_out_of_range_settings_fail_when_the_config_is_read(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config("simclr/fashion_mnist", [override])
+
+
+@pytest.mark.parametrize("method", ["simclr", "moco"])
+def test_a_zero_temperature_fails_where_the_method_is_built(method):
+    from selfsup.registry import METHODS
+
+    with pytest.raises(ValueError, match="'method.temperature' must be > 0, got 0"):
+        METHODS.build({"name": method, "temperature": 0}, backbone=nn.Linear(2, 2))

@@ -8,7 +8,7 @@ import torch
 
 import selfsup
 from selfsup.config import resolve
-from selfsup.engine.checkpoint import load_checkpoint, save_atomic
+from selfsup.files import load_checkpoint, save_atomic
 
 
 def _state(run):
@@ -73,7 +73,7 @@ def test_embed_writes_one_feature_row_per_image(tiny_config, tmp_path):
     out = tmp_path / "feats.npy"
     features = selfsup.embed(run.path, "synthetic:test", out)
     assert np.load(out).shape == features.shape
-    assert features.shape[1] == run.backbone.num_features and features.dtype == np.float32
+    assert features.shape[1] == run.encoder.num_features and features.dtype == np.float32
 
 
 def test_atomic_save_keeps_the_old_checkpoint_when_writing_fails(tmp_path, monkeypatch):
@@ -121,4 +121,26 @@ def test_a_compiled_backbone_trains_and_saves_the_plain_parameter_names(tiny_con
     run = selfsup.train(resolve(tiny_config))
     assert all(np.isfinite(r["loss"]) for r in run.metrics if "loss" in r)
     assert not any("_orig_mod" in key for key in run.checkpoint()["method"])
-    assert selfsup.load(run.path).method.backbone.num_features == 64
+    assert selfsup.load(run.path).encoder.num_features == 64
+
+
+def test_a_budget_chooses_the_epochs_records_them_and_the_run_replays_exactly(tiny_config):
+    tiny_config["train"].update(budget_minutes=0.05, knn_every=0, log_every=1)
+    budgeted = selfsup.train(resolve(tiny_config))
+    event = next(r for r in budgeted.metrics if r.get("event") == "budget")
+    epochs = budgeted.config.train.epochs
+    assert budgeted.config.train.budget_minutes is None  # a resume does not measure again
+    assert epochs == event["epochs"] and event["img_per_s"] > 0
+    assert budgeted.checkpoint()["step"] == event["total_steps"] == round(epochs * 10)
+    tiny_config["train"].update(budget_minutes=None, epochs=epochs, name="replay")
+    replay = selfsup.train(resolve(tiny_config))
+    for key, value in budgeted.checkpoint()["method"].items():
+        assert torch.equal(value, replay.checkpoint()["method"][key]), key
+
+
+def test_no_warning_from_our_code_on_the_main_path(tiny_config, recwarn):
+    tiny_config["train"].update(epochs=1, progress=True)
+    run = selfsup.train(resolve(tiny_config))
+    selfsup.evaluate(run)
+    ours = [w for w in recwarn if "selfsup" in str(w.filename) or "requires_grad" in str(w.message)]
+    assert not ours, [str(w.message) for w in ours]

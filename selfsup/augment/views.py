@@ -279,6 +279,19 @@ def dino(
     return MultiView(large, small, name="dino")
 
 
+@VIEWS.register("crop_flip")
+def crop_flip(
+    size: int | None = 224,
+    scale: Sequence[float] = (0.08, 1.0),
+    flip_p: float = 0.5,
+    num_views: int = 1,
+) -> MultiView:
+    """Supervised training and fine-tuning: random resized crop and flip only (the standard
+    ImageNet training augmentation; SimCLR fine-tunes with it, App. B.5)."""
+    spec = ViewSpec(size=size, scale=tuple(scale), flip_p=flip_p, jitter_p=0.0, grayscale_p=0.0)
+    return MultiView([spec] * num_views, name="crop_flip")
+
+
 @VIEWS.register("none")
 def none(size: int | None = None, num_views: int = 2) -> MultiView:
     """No augmentation: num_views identical views, centre square resized to size, normalised."""

@@ -1,41 +1,11 @@
-"""Metrics as JSON lines and a progress bar with loss, throughput and ETA."""
+"""The progress bar: steps, loss, throughput and ETA on one line."""
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
-from pathlib import Path
 from typing import Any, TextIO
-
-
-class MetricsLog:
-    """Appends one JSON object per line; `truncate_after(step)` drops what a resumed run redoes."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def write(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def truncate_after(self, step: int) -> None:
-        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
-        with open(self.path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # a line torn by a kill: everything before it is intact
-    return records
 
 
 def format_duration(seconds: float) -> str:

@@ -7,9 +7,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from selfsup.build import load_data
 from selfsup.config import Config
 from selfsup.data.datasets import ImageData
-from selfsup.engine.build import load_data
 from selfsup.eval.features import extract
 from selfsup.eval.knn import knn
 
@@ -41,10 +41,10 @@ class KnnMonitor:
             device,
         )
 
-    def __call__(self, backbone: nn.Module) -> dict[str, float]:
-        bank = extract(backbone, self.bank.images, self.transform, self.batch_size, self.device)
+    def __call__(self, encoder: nn.Module) -> dict[str, float]:
+        bank = extract(encoder, self.bank.images, self.transform, self.batch_size, self.device)
         queries = extract(
-            backbone, self.queries.images, self.transform, self.batch_size, self.device
+            encoder, self.queries.images, self.transform, self.batch_size, self.device
         )
         result = knn(
             bank,

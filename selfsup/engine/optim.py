@@ -1,4 +1,11 @@
-"""Optimizers (SGD, AdamW, LARS), parameter groups and the learning-rate schedule."""
+"""Optimizers (SGD, AdamW, LARS) and parameter groups with their own schedules.
+
+Every group of parameters (selfsup/params.py: chosen by the method and the recipe, by parameter-
+name prefix) gets its own learning rate or a fixed one, its weight decay and weight-decay
+schedule, and a frozen period. `Schedule.apply(step)` sets each group's learning rate and weight
+decay before a step; `Schedule.drop_frozen_gradients(step)` runs between backward and the
+optimizer step, so a frozen group moves neither by gradient, momentum nor decay.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +16,10 @@ from torch import nn
 
 from selfsup.config import OptimConfig
 from selfsup.methods.base import Method
-from selfsup.schedules import warmup_cosine
+from selfsup.params import Group
+from selfsup.schedules import cosine, warmup_cosine
+
+DEFAULT_GROUP = ""  # the prefix of every parameter that no other group claims
 
 
 class LARS(torch.optim.Optimizer):
@@ -47,36 +57,75 @@ class LARS(torch.optim.Optimizer):
                 p.add_(state["momentum_buffer"], alpha=-group["lr"])
 
 
-def parameter_groups(method: Method, weight_decay: float) -> list[dict]:
-    """No weight decay (and no LARS adaptation) on norms and biases: parameters with ndim <= 1.
+def resolve_groups(method: Method, config: OptimConfig) -> dict[str, Group]:
+    """The method's groups, then the recipe's (replacing those of the same prefix), checked."""
+    groups = {DEFAULT_GROUP: Group(), **method.parameter_groups(), **config.groups}
+    names = [name for name, p in method.named_parameters() if p.requires_grad]
+    for prefix in groups:
+        if prefix and not any(_belongs(name, prefix) for name in names):
+            children = ", ".join(name for name, _ in method.named_children())
+            raise ValueError(
+                f"optim.groups: '{prefix}' names no trainable parameter of method "
+                f"'{type(method).__name__}'; name a module, e.g. one of: {children}"
+            )
+    return groups
 
-    Parameters the method trains at a fixed learning rate go in groups with fixed_lr=True.
+
+def _belongs(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(f"{prefix}.")
+
+
+def group_of(name: str, prefixes: list[str]) -> str:
+    """The longest prefix that `name` belongs to ('' when none does)."""
+    return max((p for p in prefixes if p and _belongs(name, p)), key=len, default=DEFAULT_GROUP)
+
+
+def parameter_groups(method: Method, config: OptimConfig) -> list[dict]:
+    """Torch parameter groups: one per (group, norm-or-bias) pair that has parameters.
+
+    Norms and biases (ndim <= 1) get no weight decay and no LARS adaptation unless
+    `decay_norms_and_biases`. Each group carries its schedule: peak_lr, fixed_lr,
+    weight_decay at start and end, and frozen_epochs.
     """
-    fixed = {id(p) for p in method.fixed_lr_parameters()}
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-    for p in method.parameters():
+    groups = resolve_groups(method, config)
+    prefixes = list(groups)
+    members: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    for name, p in method.named_parameters():
         if p.requires_grad:
-            groups.setdefault((p.ndim <= 1, id(p) in fixed), []).append(p)
-    return [
-        {
-            "params": params,
-            "weight_decay": 0.0 if is_norm_or_bias else weight_decay,
-            "lars": not is_norm_or_bias,
-            "fixed_lr": is_fixed,
-        }
-        for (is_norm_or_bias, is_fixed), params in sorted(groups.items())
-    ]
+            exempt = p.ndim <= 1 and not config.decay_norms_and_biases
+            members.setdefault((group_of(name, prefixes), exempt), []).append(p)
+    out = []
+    for (prefix, exempt), params in sorted(members.items()):
+        group = groups[prefix]
+        decay = config.weight_decay if group.weight_decay is None else group.weight_decay
+        final = group.final_weight_decay
+        if final is None:
+            final = decay if config.final_weight_decay is None else config.final_weight_decay
+        out.append(
+            {
+                "params": params,
+                "name": prefix or "default",
+                "peak_lr": peak_lr(config, group.lr),
+                "fixed_lr": group.fixed_lr,
+                "weight_decay": 0.0 if exempt else decay,
+                "final_weight_decay": 0.0 if exempt else final,
+                "initial_weight_decay": 0.0 if exempt else decay,
+                "frozen_epochs": group.frozen_epochs,
+                "lars": not exempt,
+            }
+        )
+    return out
 
 
-def peak_lr(config: OptimConfig) -> float:
+def peak_lr(config: OptimConfig, lr: float | None = None) -> float:
     scale = config.batch_size / 256 if config.lr_scaling == "linear" else 1.0
-    return config.lr * scale
+    return (config.lr if lr is None else lr) * scale
 
 
 def build_optimizer(method: Method, config: OptimConfig) -> torch.optim.Optimizer:
     if config.lr_scaling not in ("linear", "none"):
         raise ValueError(f"optim.lr_scaling must be 'linear' or 'none', got '{config.lr_scaling}'")
-    groups = parameter_groups(method, config.weight_decay)
+    groups = parameter_groups(method, config)
     lr = peak_lr(config)
     if config.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=config.momentum)
@@ -87,16 +136,48 @@ def build_optimizer(method: Method, config: OptimConfig) -> torch.optim.Optimize
     raise ValueError(f"unknown optimizer '{config.name}'; valid: sgd, adamw, lars")
 
 
-def learning_rate(config: OptimConfig, step: int, steps_per_epoch: int, total_steps: int) -> float:
-    """Linear warm-up over warmup_epochs, then cosine decay to final_lr (or constant)."""
-    if config.schedule not in ("cosine", "constant"):
-        raise ValueError(f"optim.schedule must be 'cosine' or 'constant', got '{config.schedule}'")
-    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
-    if config.schedule == "constant":
-        total_steps = 10**18  # the cosine never moves
-    return warmup_cosine(peak_lr(config), step, total_steps, warmup_steps, config.final_lr)
+class Schedule:
+    """Learning rate, weight decay and frozen periods of every group at each step."""
 
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        config: OptimConfig,
+        steps_per_epoch: int,
+        total_steps: int,
+    ) -> None:
+        if config.schedule not in ("cosine", "constant"):
+            raise ValueError(
+                f"optim.schedule must be 'cosine' or 'constant', got '{config.schedule}'"
+            )
+        self.optimizer, self.config = optimizer, config
+        self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
 
-def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float, base_lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = base_lr if group.get("fixed_lr") else lr
+    def learning_rate(self, step: int, peak: float | None = None) -> float:
+        """Linear warm-up over warmup_epochs, then cosine decay to final_lr (or constant)."""
+        peak = peak_lr(self.config) if peak is None else peak
+        warmup_steps = round(self.config.warmup_epochs * self.steps_per_epoch)
+        total = self.total_steps if self.config.schedule == "cosine" else 10**18
+        return warmup_cosine(peak, step, total, warmup_steps, self.config.final_lr)
+
+    def apply(self, step: int) -> None:
+        """Set each group's learning rate and weight decay for the step `step` (0-based)."""
+        for group in self.optimizer.param_groups:
+            peak = group["peak_lr"]
+            group["lr"] = peak if group["fixed_lr"] else self.learning_rate(step, peak)
+            group["weight_decay"] = cosine(
+                group["initial_weight_decay"],
+                group["final_weight_decay"],
+                step / max(self.total_steps, 1),
+            )
+
+    def frozen(self, group: dict, step: int) -> bool:
+        return step < round(group["frozen_epochs"] * self.steps_per_epoch)
+
+    def drop_frozen_gradients(self, step: int) -> None:
+        """Between backward and the optimizer step: frozen groups lose their gradients, so the
+        optimizer skips them (no momentum, no weight decay), as SwAV's and DINO's code do."""
+        for group in self.optimizer.param_groups:
+            if self.frozen(group, step):
+                for p in group["params"]:
+                    p.grad = None

@@ -1,27 +1,47 @@
-"""The training loop shared by every method: one explicit loop, read top to bottom."""
+"""The training loop shared by every task: self-supervised pre-training, supervised training,
+fine-tuning. One explicit loop, read top to bottom; the task is the method (selfsup/methods/)."""
 
 from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
+from torch import Tensor
 
+from selfsup.build import (
+    build_method,
+    build_views,
+    data_info,
+    finetune_config,
+    load_data,
+    pick_device,
+)
 from selfsup.config import Config, load_config
+from selfsup.data.datasets import ImageData
 from selfsup.data.loader import Batches
-from selfsup.engine.build import build_method, build_views, data_info, load_data, pick_device
-from selfsup.engine.checkpoint import rng_state, save_atomic, set_rng_state
-from selfsup.engine.log import MetricsLog, ProgressBar
+from selfsup.engine.log import ProgressBar
 from selfsup.engine.monitor import KnnMonitor
-from selfsup.engine.optim import build_optimizer, learning_rate, peak_lr, set_learning_rate
-from selfsup.methods.base import Method, Progress, Views
+from selfsup.engine.optim import Schedule, build_optimizer
+from selfsup.files import MetricsLog, rng_state, save_atomic, set_rng_state
+from selfsup.methods.base import Method
 from selfsup.plot import plot_curves
 from selfsup.run import Run
+from selfsup.step import Progress, Views
+
+
+def finetune(
+    run_dir: str | Path, overrides: list[str] | None = None, recipe: str | None = None
+) -> Run:
+    """Fine-tune the encoder of a finished run with a new linear head on the labels."""
+    return train(finetune_config(run_dir, overrides, recipe))
 
 
 def train(
@@ -30,10 +50,10 @@ def train(
     *,
     resume: str | Path | None = None,
 ) -> Run:
-    """Pre-train a method; `resume` continues a stopped run from its last checkpoint exactly.
+    """Train a method; `resume` continues a stopped run from its last checkpoint exactly.
 
     `config` is a Config, a recipe name (`simclr/fashion_mnist`) or a YAML path; `overrides` are
-    dotted `section.key=value` strings (on resume only train.* keys may change).
+    dotted `section.key=value` strings (on resume only train.* and eval.* keys may change).
     """
     if resume is not None:
         run = Run(resume)
@@ -54,88 +74,49 @@ def train(
     settings = config.train
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    device = pick_device(settings.device)
-    torch.manual_seed(settings.seed)
 
     data = load_data(config, "train")
-    views = build_views(config)
-    info = data_info(data, views)
-    views.set_stats(info["mean"], info["std"])
+    budget: dict[str, Any] = {}
+    if resume is None and settings.budget_minutes is not None:
+        config, budget = fit_budget(config, data)
+        settings = config.train
+    parts = Parts.build(config, data, run_dir=run.path if resume is not None else None)
     if resume is None:
-        run = Run.create(config, info)
+        run = Run.create(config, parts.info)
     else:
         (run.path / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    method = build_method(config, info).to(device)
-    memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
-    method = method.to(memory_format=memory_format)
-    if settings.compile:
-        method.backbone.forward = torch.compile(method.backbone.forward)
-    optimizer = build_optimizer(method, config.optim)
-    batches = Batches(data.images.to(device), config.optim.batch_size, seed=settings.seed)
-    generator = torch.Generator(device).manual_seed(settings.seed)
-    steps_per_epoch = batches.steps_per_epoch
-    total_steps = max(round(settings.epochs * steps_per_epoch), 1)
+    method, batches = parts.method, parts.batches
+    steps_per_epoch, total_steps = batches.steps_per_epoch, parts.schedule.total_steps
     last_step = min(total_steps, settings.max_steps or total_steps)
     log = MetricsLog(run.metrics_path)
-    monitor = KnnMonitor.create(config, data, views, device)
+    monitor = KnnMonitor.create(config, data, parts.views, parts.device)
 
-    precision = Precision(settings.precision, device)
     step = 0
     if resume is not None and run.checkpoint_path.is_file():
-        state = run.checkpoint()
-        method.load_state_dict(state["method"])
-        optimizer.load_state_dict(state["optimizer"])
-        batches.load_state_dict(state["batches"])
-        set_rng_state(state["rng"], generator)
-        if state.get("scaler"):
-            precision.scaler.load_state_dict(state["scaler"])
-        step = state["step"]
+        step = parts.load_state_dict(run.checkpoint())
         log.truncate_after(step)
     elif resume is None:
         log.write({"event": "start", "step": 0, "parameters": _count(method), **_describe(config)})
+        if budget:
+            log.write({"event": "budget", "step": 0, **budget})
 
     bar = ProgressBar(last_step, step, batches.batch_size, enabled=settings.progress)
-    sums: dict[str, torch.Tensor] = {}
+    sums: dict[str, Tensor] = {}
     window_start, window_steps, last_save = time.perf_counter(), 0, time.perf_counter()
-    throughput = 0.0
 
     def save() -> None:
-        state = {
-            "method": method.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "batches": batches.state_dict(),
-            "rng": rng_state(generator),
-            "scaler": precision.scaler.state_dict(),
-            "step": step,
-        }
-        save_atomic(state, run.checkpoint_path)
+        save_atomic({**parts.state_dict(), "step": step}, run.checkpoint_path)
 
     method.train()
     stop_on_sigterm = _sigterm_as_interrupt()
     try:
         while step < last_step:
-            progress = Progress(step, step / steps_per_epoch, step / total_steps)
-            set_learning_rate(
-                optimizer,
-                learning_rate(config.optim, step, steps_per_epoch, total_steps),
-                peak_lr(config.optim),
-            )
-            images, index = batches.next()
-            out = training_step(
-                method,
-                optimizer,
-                views(images, generator),
-                index,
-                progress,
-                precision,
-                config.optim.clip,
-                memory_format,
-            )
-            loss = out["loss"]
+            out = parts.step(step)
             step += 1
 
             for key, value in out.items():
-                sums[key] = sums.get(key, 0) + value.detach().float()
+                if value.dim() == 0:  # scalars are logged; tensors for after_step are not
+                    sums[key] = sums.get(key, 0) + value.detach().float()
             window_steps += 1
             if step % settings.log_every == 0 or step == last_step:
                 elapsed = time.perf_counter() - window_start
@@ -151,17 +132,17 @@ def train(
                         "step": step,
                         "epoch": round(step / steps_per_epoch, 4),
                         **record,
-                        "lr": optimizer.param_groups[0]["lr"],
+                        "lr": parts.schedule.learning_rate(step - 1),
                         "img_per_s": round(throughput, 1),
                     }
                 )
                 sums, window_start, window_steps = {}, time.perf_counter(), 0
-            bar.update(step, loss=loss)  # converted to a float only when the bar is drawn
+            bar.update(step, loss=out["loss"].detach())  # a float only when the bar is drawn
 
             epoch_end = step % steps_per_epoch == 0
             if epoch_end and monitor and _due(step, steps_per_epoch, settings.knn_every, last_step):
                 log.write(
-                    {"step": step, "epoch": step / steps_per_epoch, **monitor(method.backbone)}
+                    {"step": step, "epoch": step / steps_per_epoch, **monitor(method.encoder)}
                 )
                 method.train()
             if epoch_end or time.perf_counter() - last_save > 60 * settings.checkpoint_minutes:
@@ -176,10 +157,155 @@ def train(
     save()
     bar.close()
     if monitor and not any("knn_top1" in r and r["step"] == step for r in run.metrics):
-        log.write({"step": step, "epoch": step / steps_per_epoch, **monitor(method.backbone)})
+        log.write({"step": step, "epoch": step / steps_per_epoch, **monitor(method.encoder)})
     log.write({"event": "end", "step": step})
     plot_curves(run.metrics, run.path / "curves.png", title=run.path.name)
     return run
+
+
+@dataclass
+class Parts:
+    """Everything one training step needs, built from a config: the same for training, the
+    budget calibration and benchmarks/throughput.py."""
+
+    config: Config
+    device: torch.device
+    info: dict[str, Any]
+    views: Any
+    method: Method
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    batches: Batches
+    labels: Tensor | None  # on the device; only for a method that uses labels
+    generator: torch.Generator
+    precision: Precision
+    memory_format: torch.memory_format
+
+    @classmethod
+    def build(cls, config: Config, data: ImageData, run_dir: Path | None = None) -> Parts:
+        """Seeded parts; a fresh run (no `run_dir`) loads a pre-trained encoder's weights."""
+        settings = config.train
+        device = pick_device(settings.device)
+        torch.manual_seed(settings.seed)
+        views = build_views(config)
+        info = data_info(data, views)
+        views.set_stats(info["mean"], info["std"])
+        method = build_method(config, info, run_dir, init_weights=run_dir is None).to(device)
+        memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
+        method = method.to(memory_format=memory_format)
+        if settings.compile:
+            method.backbone.forward = torch.compile(method.backbone.forward)
+        batches = Batches(data.images.to(device), config.optim.batch_size, seed=settings.seed)
+        total_steps = max(round(settings.epochs * batches.steps_per_epoch), 1)
+        optimizer = build_optimizer(method, config.optim)
+        labels = data.labels.to(device) if method.uses_labels else None
+        return cls(
+            config,
+            device,
+            info,
+            views,
+            method,
+            optimizer,
+            Schedule(optimizer, config.optim, batches.steps_per_epoch, total_steps),
+            batches,
+            labels,
+            torch.Generator(device).manual_seed(settings.seed),
+            Precision(settings.precision, device),
+            memory_format,
+        )
+
+    def step(self, step: int) -> dict[str, Tensor]:
+        """Optimisation step number `step` (0-based) on the next batch; returns its outputs."""
+        spe = self.batches.steps_per_epoch
+        progress = Progress(step, step / spe, step / self.schedule.total_steps)
+        self.schedule.apply(step)
+        images, index = self.batches.next()
+        large, small = self.views(images, self.generator)
+        labels = self.labels[index] if self.labels is not None else None
+        return training_step(
+            self.method,
+            self.optimizer,
+            Views(self._layout(large), self._layout(small), index, labels),
+            progress,
+            self.precision,
+            self.config.optim.clip,
+            self.schedule,
+        )
+
+    def _layout(self, crops: list[Tensor]) -> list[Tensor]:
+        return [crop.contiguous(memory_format=self.memory_format) for crop in crops]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "batches": self.batches.state_dict(),
+            "rng": rng_state(self.generator),
+            "scaler": self.precision.scaler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> int:
+        """Restore a checkpoint; returns its step."""
+        self.method.load_state_dict(state["method"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.batches.load_state_dict(state["batches"])
+        set_rng_state(state["rng"], self.generator)
+        if state.get("scaler"):
+            self.precision.scaler.load_state_dict(state["scaler"])
+        return state["step"]
+
+
+def fit_budget(
+    config: Config, data: ImageData, steps: int = 8, warmup: int = 2
+) -> tuple[Config, dict[str, float]]:
+    """train.epochs that fill train.budget_minutes on this machine, written into the config;
+    also returns what was measured (logged as the run's "budget" event).
+
+    Throughput is measured on `steps` steps of a throwaway copy of the run's parts (after
+    `warmup`), and one kNN monitor pass is timed, so the run itself is exactly the one that
+    `train.epochs=<chosen>` gives; the learning-rate schedule then ends with the budget.
+    """
+    settings = config.train
+    began = time.perf_counter()
+    probe = replace(config, train=replace(settings, budget_minutes=None, epochs=1e6))
+    parts = Parts.build(probe, data)
+    for i in range(warmup):
+        parts.step(i)
+    timed = time.perf_counter()
+    for i in range(warmup, warmup + steps):
+        out = parts.step(i)
+    out["loss"].item()  # wait for the device
+    step_seconds = (time.perf_counter() - timed) / steps
+    monitor = KnnMonitor.create(probe, data, parts.views, parts.device)
+    monitor_seconds = 0.0
+    if monitor is not None:
+        timed = time.perf_counter()
+        monitor(parts.method.encoder)
+        monitor_seconds = time.perf_counter() - timed
+    del parts
+    # Checkpoints and logging take the last few percent; the monitor runs every knn_every epochs.
+    seconds = 0.97 * (60 * settings.budget_minutes - (time.perf_counter() - began))
+    steps_per_epoch = len(data) // config.optim.batch_size
+    epoch_seconds = steps_per_epoch * step_seconds
+    if settings.knn_every > 0 and monitor_seconds:
+        epoch_seconds += monitor_seconds / settings.knn_every
+        seconds -= monitor_seconds  # the last pass, at the end
+    total_steps = max(int(seconds / epoch_seconds * steps_per_epoch), 1)
+    epochs = total_steps / steps_per_epoch
+    img_per_s = config.optim.batch_size / step_seconds
+    print(
+        f"budget {settings.budget_minutes:g} min: {img_per_s:.0f} img/s measured -> "
+        f"{total_steps} steps, train.epochs={epochs!r} (replays this run exactly)",
+        file=sys.stderr,
+    )
+    record = {
+        "budget_minutes": settings.budget_minutes,
+        "img_per_s": round(img_per_s, 1),
+        "monitor_seconds": round(monitor_seconds, 2),
+        "epochs": epochs,
+        "total_steps": total_steps,
+    }
+    return replace(config, train=replace(settings, budget_minutes=None, epochs=epochs)), record
 
 
 def _sigterm_as_interrupt() -> Any:
@@ -241,30 +367,26 @@ class Precision:
 def training_step(
     method: Method,
     optimizer: torch.optim.Optimizer,
-    crops: tuple[list[torch.Tensor], list[torch.Tensor]],
-    index: torch.Tensor | None,
+    views: Views,
     progress: Progress,
     precision: Precision,
     clip: float | None = None,
-    memory_format: torch.memory_format = torch.contiguous_format,
-) -> dict[str, torch.Tensor]:
-    """One optimisation step on a batch of augmented crops (large, small); returns the outputs."""
-    large, small = crops
-    views = Views(
-        [v.contiguous(memory_format=memory_format) for v in large],
-        [v.contiguous(memory_format=memory_format) for v in small],
-        index,
-    )
+    schedule: Schedule | None = None,
+) -> dict[str, Tensor]:
+    """One optimisation step: forward, backward, frozen groups dropped, clipping, the optimizer
+    step, then the method's state updates from what forward returned."""
     with precision.autocast():
         out = method(views, progress)
     optimizer.zero_grad(set_to_none=True)
     scaler = precision.scaler
     scaler.scale(out["loss"]).backward()
+    if schedule is not None:
+        schedule.drop_frozen_gradients(progress.step)
     if clip is not None:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(method.parameters(), clip)
     scaler.step(optimizer)
     scaler.update()
     with torch.no_grad():
-        method.after_step(progress)
+        method.after_step(progress, out)
     return out

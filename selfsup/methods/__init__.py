@@ -4,6 +4,8 @@ import selfsup.methods.byol  # noqa: F401
 import selfsup.methods.moco  # noqa: F401
 import selfsup.methods.simclr  # noqa: F401
 import selfsup.methods.simsiam  # noqa: F401
-from selfsup.methods.base import Method, Progress, Views
+import selfsup.methods.supervised  # noqa: F401
+from selfsup.methods.base import Method
+from selfsup.step import Progress, Views
 
 __all__ = ["Method", "Progress", "Views"]

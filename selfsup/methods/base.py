@@ -1,48 +1,69 @@
-"""The method contract: what every self-supervised method is to the engine.
+"""The method contract: what every method (self-supervised or supervised) is to the engine.
 
 A method is a backbone plus what its paper adds (heads, a target branch, negatives, a loss). It
-sees augmented views and training progress, never labels, devices, optimizers or logs.
+sees augmented views and training progress; never devices, optimizers, files or logs, and labels
+only when it says it trains on them (`uses_labels`). What it needs from the engine it names as a
+constructor parameter (`SUPPLIED`), and the engine passes it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from selfsup.params import Group
+from selfsup.step import Progress, Views
 
-@dataclass(frozen=True)
-class Progress:
-    step: int  # optimizer steps done before this one
-    epoch: float  # step / steps_per_epoch
-    fraction: float  # step / total_steps, in [0, 1]
+__all__ = ["SUPPLIED", "Method", "Progress", "Views"]
 
-
-@dataclass
-class Views:
-    large: list[Tensor]  # global crops, each (N, C, H, W); the first two are "the two views"
-    small: list[Tensor] = field(default_factory=list)  # multi-crop local views
-    index: Tensor | None = None  # dataset indices (N,), for memory banks
+# Constructor parameters the engine fills in for a method that names them; a recipe cannot set
+# them. Values: what the engine passes.
+SUPPLIED = {
+    "backbone": "the backbone of the recipe's backbone section",
+    "make_backbone": "a factory: make_backbone(in_channels=C) builds another backbone like it",
+    "num_samples": "the number of training images (one memory-bank slot each)",
+    "num_classes": "the number of classes of the labelled training data",
+    "pretrained": "the encoder of the run named by train.init, with its weights (fine-tuning)",
+}
 
 
 class Method(nn.Module):
     """Backbone plus what a paper adds. Subclasses build their parts and define `forward`."""
 
+    uses_labels: ClassVar[bool] = False  # True: the engine fills views.labels
+
     def __init__(self, backbone: nn.Module) -> None:
         super().__init__()
         self.backbone = backbone
 
+    @property
+    def encoder(self) -> nn.Module:
+        """The module whose output is the representation: the kNN monitor, evaluation, `embed`
+        and `export` use it. The backbone, unless the method says otherwise (CPC's pooled patch
+        grid, CMC's encoders side by side). It has `num_features`, its output's width."""
+        return self.backbone
+
     def forward(self, views: Views, progress: Progress) -> dict[str, Tensor]:
-        """Return {"loss": scalar, **scalars to log}."""
+        """{"loss": scalar, **scalars to log, **tensors that after_step needs}.
+
+        Changes no state of the method's own: running it twice equals running it once (the
+        gradient analysis and loss inspection run it freely). Scalars (0-d tensors) are logged;
+        other entries, such as MoCo's keys, only reach `after_step`.
+        """
         raise NotImplementedError
 
-    def after_step(self, progress: Progress) -> None:
-        """Per-step state updates after the optimizer step (EMA, ...); run under no_grad."""
+    def after_step(self, progress: Progress, out: dict[str, Tensor]) -> None:
+        """State updates after the optimizer step, from what forward returned: EMA, queue push,
+        memory-bank write, centre. Runs under no_grad."""
 
-    def fixed_lr_parameters(self) -> list[nn.Parameter]:
-        """Parameters trained at the base learning rate without the schedule (SimSiam §4.4)."""
-        return []
+    def parameter_groups(self) -> dict[str, Group]:
+        """Parameter-name prefix -> how that group is optimised (SimSiam's predictor: fixed lr).
+
+        A recipe's `optim.groups` entry for the same prefix replaces the method's.
+        """
+        return {}
 
     def encode(self, crops: list[Tensor]) -> list[Tensor]:
         """Backbone features of each crop; crops of equal size go through in one batch."""

@@ -15,9 +15,11 @@ from torch import Tensor, nn
 
 from selfsup.heads import mlp
 from selfsup.losses import regression
-from selfsup.methods.base import Method, Progress, Views
+from selfsup.methods.base import Method
+from selfsup.params import require_positive
 from selfsup.registry import METHODS
 from selfsup.schedules import cosine_ramp
+from selfsup.step import Progress, Views
 from selfsup.target import EMA
 
 
@@ -34,6 +36,7 @@ class BYOL(Method):
         momentum: float = 0.996,  # τ_base; τ = 1 − (1 − τ_base)(cos(πk/K) + 1)/2 (§3.2)
         final_momentum: float = 1.0,
     ) -> None:
+        require_positive(dim=dim, hidden=hidden)
         super().__init__(backbone)
         self.projector = mlp(backbone.num_features, hidden, dim)  # Linear-BN-ReLU-Linear
         self.predictor = mlp(dim, hidden, dim)
@@ -53,6 +56,6 @@ class BYOL(Method):
             z_std = F.normalize(z1, dim=1).std(dim=0).mean()  # ≈ 1/sqrt(dim), 0 on collapse
         return {"loss": loss, "pos_sim": positive_similarity, "z_std": z_std}
 
-    def after_step(self, progress: Progress) -> None:
+    def after_step(self, progress: Progress, out: dict[str, Tensor]) -> None:
         tau = cosine_ramp(self.momentum, self.final_momentum, progress.fraction)
         self.target.update(tau)

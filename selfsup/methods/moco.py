@@ -17,9 +17,11 @@ from torch import Tensor, nn
 from selfsup.dist import gather_nograd, shuffled
 from selfsup.heads import mlp
 from selfsup.losses import info_nce
-from selfsup.methods.base import Method, Progress, Views
+from selfsup.methods.base import Method
 from selfsup.negatives import Queue
+from selfsup.params import require_positive
 from selfsup.registry import METHODS
+from selfsup.step import Progress, Views
 from selfsup.target import EMA
 
 
@@ -39,6 +41,7 @@ class MoCo(Method):
         shuffle_bn_groups: int = 8,  # BN groups of the key batch: MoCo's 8 GPUs (§3.3); 1: off
         symmetric: bool = False,  # both views as query and key (MoCo's CIFAR demo), 2 keys/sample
     ) -> None:
+        require_positive(dim=dim, queue_size=queue_size, temperature=temperature)
         super().__init__(backbone)
         width = backbone.num_features
         # v2's head is fc-ReLU-fc without BN, as in MoCo v2's code.
@@ -53,22 +56,24 @@ class MoCo(Method):
     def forward(self, views: Views, progress: Progress) -> dict[str, Tensor]:
         x1, x2 = views.large[:2]
         pairs = [(x1, x2), (x2, x1)] if self.symmetric else [(x1, x2)]
-        # A snapshot of the queue: the push below would otherwise modify a tensor that the
-        # backward pass of q @ negatives.T still needs.
-        negatives = self.queue.keys.clone()  # (K, dim)
         loss, keys, positive_similarity = 0.0, [], 0.0
         for x_query, x_key in pairs:
             q = F.normalize(self.projector(self.backbone(x_query)), dim=1)  # (N, dim)
             with torch.no_grad():  # keys carry no gradient (§3.2)
                 k = shuffled(self.target, x_key, self.shuffle_bn_groups)
                 k = F.normalize(k, dim=1)  # (N, dim)
-            loss = loss + info_nce(q, k, negatives, self.temperature)  # logits (N, 1 + K)
+            loss = loss + info_nce(q, k, self.queue.keys, self.temperature)  # logits (N, 1 + K)
             keys.append(k)
             positive_similarity = positive_similarity + (q.detach() * k).sum(dim=1).mean()
         with torch.no_grad():
-            self.queue.push(gather_nograd(torch.cat(keys)))  # what all processes produced
             z_std = q.detach().std(dim=0).mean()  # ≈ 1/sqrt(dim) when spread, 0 on collapse
-        return {"loss": loss, "pos_sim": positive_similarity / len(pairs), "z_std": z_std}
+        return {
+            "loss": loss,
+            "pos_sim": positive_similarity / len(pairs),
+            "z_std": z_std,
+            "keys": torch.cat(keys),  # enqueued after the step (Algorithm 1)
+        }
 
-    def after_step(self, progress: Progress) -> None:
+    def after_step(self, progress: Progress, out: dict[str, Tensor]) -> None:
+        self.queue.push(gather_nograd(out["keys"]))  # what all processes produced
         self.target.update(self.momentum)  # θ_k ← m·θ_k + (1 − m)·θ_q (eq. 2)

@@ -15,8 +15,10 @@ from torch import Tensor, nn
 from selfsup.dist import gather
 from selfsup.heads import mlp
 from selfsup.losses import nt_xent
-from selfsup.methods.base import Method, Progress, Views
+from selfsup.methods.base import Method
+from selfsup.params import require_positive
 from selfsup.registry import METHODS
+from selfsup.step import Progress, Views
 
 
 @METHODS.register("simclr")
@@ -32,6 +34,7 @@ class SimCLR(Method):
         layers: int = 2,  # v2: 3
         temperature: float = 0.1,  # ImageNet, batch 4096 (paper Table 5); CIFAR-10 uses 0.5
     ) -> None:
+        require_positive(dim=dim, hidden=hidden, temperature=temperature)
         super().__init__(backbone)
         self.projector = mlp(backbone.num_features, hidden, dim, layers=layers)
         self.temperature = temperature

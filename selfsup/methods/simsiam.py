@@ -14,8 +14,10 @@ from torch import Tensor, nn
 
 from selfsup.heads import mlp
 from selfsup.losses import negative_cosine
-from selfsup.methods.base import Method, Progress, Views
+from selfsup.methods.base import Method
+from selfsup.params import Group, require_positive
 from selfsup.registry import METHODS
+from selfsup.step import Progress, Views
 
 
 @METHODS.register("simsiam")
@@ -30,8 +32,9 @@ class SimSiam(Method):
         hidden: int = 2048,  # projector hidden width
         projector_layers: int = 3,  # the paper's CIFAR-10 runs use 2 (App. D)
         predictor_hidden: int = 512,  # the predictor's bottleneck (§3, "Prediction MLP")
-        fixed_predictor_lr: bool = True,  # predictor at the base lr, no decay (§4.4, Table 1)
+        fixed_predictor_lr: bool = True,  # predictor at the base lr, no lr decay (§4.4, Table 1)
     ) -> None:
+        require_positive(dim=dim, hidden=hidden, predictor_hidden=predictor_hidden)
         super().__init__(backbone)
         # BN on every layer including the output fc (no ReLU there); the last BN has no affine
         # parameters, and no bias precedes a BN, as in the paper's code.
@@ -52,5 +55,6 @@ class SimSiam(Method):
             z_std = F.normalize(z1, dim=1).std(dim=0).mean()  # ≈ 1/sqrt(dim); 0: collapse (Fig. 2)
         return {"loss": loss, "pos_sim": positive_similarity, "z_std": z_std}
 
-    def fixed_lr_parameters(self) -> list[nn.Parameter]:
-        return list(self.predictor.parameters()) if self.fixed_predictor_lr else []
+    def parameter_groups(self) -> dict[str, Group]:
+        # The predictor at the base lr, undecayed by the schedule (§4.4, Table 1).
+        return {"predictor": Group(fixed_lr=True)} if self.fixed_predictor_lr else {}

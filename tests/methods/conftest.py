@@ -3,8 +3,8 @@ import torch
 from torch import nn
 
 import selfsup.backbones  # noqa: F401  (registers BACKBONES)
-from selfsup.methods.base import Progress
 from selfsup.registry import BACKBONES
+from selfsup.step import Progress
 
 
 class TinyBackbone(nn.Module):

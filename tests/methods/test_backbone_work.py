@@ -5,11 +5,11 @@ from pathlib import Path
 
 import pytest
 
-from selfsup.methods.base import Views
 from selfsup.methods.byol import BYOL
 from selfsup.methods.moco import MoCo
 from selfsup.methods.simclr import SimCLR
 from selfsup.methods.simsiam import SimSiam
+from selfsup.step import Views
 
 sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
 from throughput import backbone_calls  # noqa: E402

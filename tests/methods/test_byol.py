@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 import selfsup
 from selfsup.config import resolve
-from selfsup.methods.base import Progress, Views
 from selfsup.methods.byol import BYOL
+from selfsup.step import Progress, Views
 from selfsup.target import use_stop_gradient_targets
 
 
@@ -32,11 +32,12 @@ def test_byol_target_gets_no_gradient_and_follows_the_cosine_momentum(tiny_backb
     method = BYOL(tiny_backbone, dim=4, hidden=16, momentum=0.9)
     target_weight = method.target.copies[0].conv.weight.clone()  # copies: (backbone, projector)
     progress = Progress(step=5, epoch=0.5, fraction=0.25)
-    method(Views(two_views), progress)["loss"].backward()
+    out = method(Views(two_views), progress)
+    out["loss"].backward()
     assert all(p.grad is None for p in method.target.parameters())
     torch.optim.SGD(method.parameters(), lr=1.0).step()
     with torch.no_grad():
-        method.after_step(progress)
+        method.after_step(progress, out)
     tau = 1 - (1 - 0.9) * (math.cos(math.pi * 0.25) + 1) / 2  # BYOL §3.2, at k/K = 0.25
     expected = tau * target_weight + (1 - tau) * method.backbone.conv.weight
     torch.testing.assert_close(method.target.copies[0].conv.weight, expected)
@@ -47,7 +48,7 @@ def test_byol_target_is_frozen_at_the_end_of_training(tiny_backbone, two_views):
     before = [p.clone() for p in method.target.parameters()]
     with torch.no_grad():
         method.backbone.conv.weight.add_(1.0)
-        method.after_step(Progress(step=99, epoch=9.9, fraction=1.0))  # τ = 1
+        method.after_step(Progress(step=99, epoch=9.9, fraction=1.0), {})  # τ = 1
     assert all(torch.equal(a, b) for a, b in zip(before, method.target.parameters(), strict=True))
 
 
@@ -74,7 +75,7 @@ def test_byol_runs_on_resnet_and_vit_backbones(real_backbone, progress):
     out = method(Views([torch.randn(4, 1, 16, 16), torch.randn(4, 1, 16, 16)]), progress)
     out["loss"].backward()
     with torch.no_grad():
-        method.after_step(progress)
+        method.after_step(progress, out)
     assert torch.isfinite(out["loss"]) and {"pos_sim", "z_std"} <= set(out)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in real_backbone.parameters())
 

@@ -7,8 +7,8 @@ from torch import nn
 
 import selfsup
 from selfsup.config import resolve
-from selfsup.methods.base import Views
 from selfsup.methods.moco import MoCo
+from selfsup.step import Views
 
 
 def _queries_and_keys(method, x_query, x_key):
@@ -32,11 +32,16 @@ def test_moco_loss_is_info_nce_of_each_query_against_its_key_and_the_queue(
     torch.testing.assert_close(loss.detach(), torch.stack(expected).mean())
 
 
-def test_moco_enqueues_the_batch_keys_after_computing_the_loss(tiny_backbone, two_views, progress):
+def test_moco_enqueues_the_batch_keys_after_the_step_not_in_forward(
+    tiny_backbone, two_views, progress
+):
     method = MoCo(tiny_backbone, dim=4, queue_size=10, shuffle_bn_groups=1)
     queue = method.queue.keys.clone()
-    method(Views(two_views), progress)
+    out = method(Views(two_views), progress)
+    assert torch.equal(method.queue.keys, queue) and method.queue.ptr.item() == 0
     _, k = _queries_and_keys(method, *two_views)
+    with torch.no_grad():
+        method.after_step(progress, out)
     torch.testing.assert_close(method.queue.keys[:6], k)  # the newest keys, in batch order
     assert torch.equal(method.queue.keys[6:], queue[6:])  # the older entries are untouched
     assert method.queue.ptr.item() == 6
@@ -47,12 +52,13 @@ def test_moco_key_encoder_gets_no_gradient_and_moves_by_momentum(
 ):
     method = MoCo(tiny_backbone, dim=4, queue_size=10, momentum=0.9)
     key_weight = method.target.copies[1].weight.clone()  # copies: (backbone, projector)
-    method(Views(two_views), progress)["loss"].backward()
+    out = method(Views(two_views), progress)
+    out["loss"].backward()
     assert all(p.grad is None for p in method.target.parameters())
     assert method.backbone.conv.weight.grad.abs().sum() > 0
     torch.optim.SGD(method.parameters(), lr=1.0).step()
     with torch.no_grad():
-        method.after_step(progress)
+        method.after_step(progress, out)
     expected = 0.9 * key_weight + 0.1 * method.projector.weight  # θ_k ← m·θ_k + (1 − m)·θ_q
     torch.testing.assert_close(method.target.copies[1].weight, expected)
 
@@ -70,7 +76,8 @@ def test_symmetric_moco_sums_both_directions_and_enqueues_both_key_sets(
 ):
     method = MoCo(tiny_backbone, dim=4, queue_size=20, shuffle_bn_groups=1, symmetric=True)
     queue = method.queue.keys.clone()
-    loss = method(Views(two_views), progress)["loss"]
+    out = method(Views(two_views), progress)
+    loss = out["loss"]
     x1, x2 = two_views
     q1, k2 = _queries_and_keys(method, x1, x2)
     q2, k1 = _queries_and_keys(method, x2, x1)
@@ -80,6 +87,8 @@ def test_symmetric_moco_sums_both_directions_and_enqueues_both_key_sets(
         return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long))
 
     torch.testing.assert_close(loss.detach(), info_nce(q1, k2) + info_nce(q2, k1))
+    with torch.no_grad():
+        method.after_step(progress, out)
     torch.testing.assert_close(method.queue.keys[:12], torch.cat([k2, k1]))
     assert method.queue.ptr.item() == 12
 
@@ -90,7 +99,7 @@ def test_moco_runs_on_resnet_and_vit_backbones(real_backbone, progress):
     out = method(views, progress)
     out["loss"].backward()
     with torch.no_grad():
-        method.after_step(progress)
+        method.after_step(progress, out)
     assert torch.isfinite(out["loss"]) and {"pos_sim", "z_std"} <= set(out)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in real_backbone.parameters())
 

@@ -1,15 +1,19 @@
 """SimSiam: the loss formula, the stop-gradient, the heads, the fixed predictor lr, training."""
 
+import math
+
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import selfsup
 import selfsup.methods.simsiam
-from selfsup.config import resolve
-from selfsup.methods.base import Views
+from selfsup.config import OptimConfig, resolve
+from selfsup.engine.optim import Schedule, build_optimizer
 from selfsup.methods.simsiam import SimSiam
+from selfsup.step import Views
 
 
 def _projections(method):
@@ -74,10 +78,26 @@ def test_simsiam_heads_match_the_paper(tiny_backbone):
 def test_simsiam_trains_the_predictor_at_a_fixed_learning_rate_unless_asked_not_to(
     tiny_backbone,
 ):
-    method = SimSiam(tiny_backbone, dim=8, hidden=8, predictor_hidden=4)
-    assert method.fixed_lr_parameters() == list(method.predictor.parameters())
-    method = SimSiam(tiny_backbone, dim=8, hidden=8, predictor_hidden=4, fixed_predictor_lr=False)
-    assert method.fixed_lr_parameters() == []
+    # §4.4: the predictor keeps the base lr while the rest follows warm-up + cosine decay.
+    config = OptimConfig(lr=0.05, batch_size=512, warmup_epochs=1)  # peak 0.05 × 512/256 = 0.1
+    for fixed in (True, False):
+        method = SimSiam(
+            tiny_backbone, dim=8, hidden=8, predictor_hidden=4, fixed_predictor_lr=fixed
+        )
+        optimizer = build_optimizer(method, config)
+        schedule = Schedule(optimizer, config, steps_per_epoch=10, total_steps=100)
+        predictor = {id(p) for p in method.predictor.parameters()}
+        for step in (0, 5, 40, 99):
+            schedule.apply(step)
+            warm = (
+                0.1 * (step + 1) / 10
+                if step < 10
+                else 0.05 * (1 + math.cos(math.pi * (step - 10) / 90))
+            )
+            for group in optimizer.param_groups:
+                in_predictor = {id(p) for p in group["params"]} <= predictor
+                expected = 0.1 if fixed and in_predictor else warm
+                assert group["lr"] == pytest.approx(expected), (fixed, step, group["name"])
 
 
 def test_simsiam_runs_on_resnet_and_vit_backbones(real_backbone, progress):

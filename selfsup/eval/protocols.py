@@ -1,4 +1,4 @@
-"""Evaluate a run's encoder (kNN, linear probe), the raw-pixel baselines, and feature export."""
+"""A run's encoder evaluated (kNN, linear probe), the raw-pixel baselines, embedding and export."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from selfsup.build import load_data, pick_device
 from selfsup.config import Config
 from selfsup.data.datasets import ImageData
-from selfsup.engine.build import load_data, pick_device
-from selfsup.engine.log import MetricsLog
 from selfsup.eval.features import extract, pixel_features
 from selfsup.eval.knn import knn
 from selfsup.eval.linear import linear_probe
+from selfsup.files import MetricsLog
 from selfsup.registry import DATASETS
 from selfsup.run import Run
 
@@ -82,7 +82,7 @@ def evaluate(
     protocols: list[str] | tuple[str, ...] = PROTOCOLS,
     device: str = "auto",
 ) -> dict[str, float]:
-    """kNN and/or linear probe of a run's frozen backbone on its dataset's train/test splits.
+    """kNN and/or linear probe of a run's frozen encoder on its dataset's train/test splits.
 
     Results are appended to the run's metrics.jsonl and stored in <run>/eval.json.
     """
@@ -91,10 +91,10 @@ def evaluate(
     run = run_dir if isinstance(run_dir, Run) else Run(run_dir)
     config = run.config
     train, test = _splits(config)
-    backbone = run.backbone.to(pick_device(device))
+    encoder = run.encoder.to(pick_device(device))
     transform, batch_size = run.views.eval_transform, config.eval.batch_size
-    train_f = extract(backbone, train.images, transform, batch_size)
-    test_f = extract(backbone, test.images, transform, batch_size)
+    train_f = extract(encoder, train.images, transform, batch_size)
+    test_f = extract(encoder, test.images, transform, batch_size)
     results = _protocols(config, protocols, train_f, train, test_f, test)
     step = run.checkpoint()["step"]
     MetricsLog(run.metrics_path).write({"event": "eval", "step": step, **results})
@@ -127,7 +127,7 @@ def embed(
     output: str | Path | None = None,
     device: str = "auto",
 ) -> np.ndarray:
-    """Backbone features of a folder of images or a dataset (`name` or `name:split`).
+    """Encoder features of a folder of images or a dataset (`name` or `name:split`).
 
     Writes a float32 (N, D) .npy when `output` is given; returns the array.
     """
@@ -149,8 +149,8 @@ def embed(
             f"the run was trained on {info['channels']}-channel images, {images} has "
             f"{data.shape[0]}"
         )
-    backbone = run.backbone.to(pick_device(device))
-    features = extract(backbone, data.images, run.views.eval_transform, run.config.eval.batch_size)
+    encoder = run.encoder.to(pick_device(device))
+    features = extract(encoder, data.images, run.views.eval_transform, run.config.eval.batch_size)
     array = features.numpy().astype(np.float32)
     if output is not None:
         np.save(output, array)
@@ -158,10 +158,11 @@ def embed(
 
 
 def export(run_dir: str | Path | Run, output: str | Path | None = None) -> Path:
-    """Write the backbone's weights as a plain state dict (torchvision / timm key names)."""
+    """Write the encoder's weights as a plain state dict (a ResNet or ViT backbone: torchvision
+    / timm key names)."""
     run = run_dir if isinstance(run_dir, Run) else Run(run_dir)
-    path = Path(output) if output is not None else run.path / "backbone.pt"
-    state = {k: v.detach().clone() for k, v in run.backbone.state_dict().items()}
+    path = Path(output) if output is not None else run.path / "encoder.pt"
+    state = {k: v.detach().clone() for k, v in run.encoder.state_dict().items()}
     torch.save(state, path)
     return path
 

@@ -1,7 +1,9 @@
-"""Atomic checkpoint files: a crash mid-write never leaves a torn or missing `last.pt`."""
+"""The files a run writes: atomic checkpoints (a crash mid-write never leaves a torn or missing
+`last.pt`) and the JSON-lines metrics log (a line torn by a kill loses nothing before it)."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -41,3 +43,31 @@ def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
     generator.set_state(state["augment"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class MetricsLog:
+    """Appends one JSON object per line; `truncate_after(step)` drops what a resumed run redoes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
+        with open(self.path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a line torn by a kill: everything before it is intact
+    return records

@@ -1,0 +1,168 @@
+"""Builds a config's parts: data, views, method. Shared by training and by loading a run.
+
+A method names what it needs from the engine as constructor parameters (`methods.base.SUPPLIED`);
+`build_method` passes exactly those, so a method never reads data, files or labels to get them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from selfsup.config import Config, apply_overrides, load_recipe, recipe_names, resolve
+from selfsup.data.datasets import ImageData
+from selfsup.files import load_checkpoint
+from selfsup.methods.base import Method
+from selfsup.registry import BACKBONES, DATASETS, METHODS, VIEWS, parameters
+from selfsup.target import use_stop_gradient_targets
+
+
+def load_data(config: Config, split: str) -> ImageData:
+    return DATASETS.build(config.data, split=split)
+
+
+def data_info(data: ImageData, views: Any) -> dict[str, Any]:
+    """What a trained model depends on: input channels and size, normalisation, classes."""
+    mean, std = data.mean_std()
+    return {
+        "channels": data.shape[0],
+        "image_size": views.size or data.shape[-1],
+        "mean": [round(v, 6) for v in mean],
+        "std": [round(max(v, 1e-3), 6) for v in std],
+        "num_classes": data.num_classes,
+        "classes": data.classes,
+        "train_size": len(data),
+    }
+
+
+def build_views(config: Config, info: dict[str, Any] | None = None) -> Any:
+    views = VIEWS.build(config.views)
+    if info is not None:
+        views.set_stats(info["mean"], info["std"])
+    return views
+
+
+def build_method(
+    config: Config, info: dict[str, Any], run_dir: Path | None = None, init_weights: bool = False
+) -> Method:
+    """The method of `config` for data described by `info`, with what it needs supplied.
+
+    A method that takes `pretrained` gets the encoder of the run `train.init`; its architecture
+    comes from the copy in `run_dir/init` when there is one (a run stays loadable without the
+    run it started from), its weights from that run's checkpoint only with `init_weights`.
+    """
+    name = config.method["name"]
+    wanted = parameters(METHODS.get(name))
+
+    def make_backbone(**changes: Any) -> nn.Module:
+        context = {"in_channels": info["channels"], "image_size": info["image_size"], **changes}
+        return BACKBONES.build(config.backbone, **context)
+
+    supplied: dict[str, Any] = {"backbone": make_backbone(), "make_backbone": make_backbone}
+    if "num_samples" in wanted:
+        supplied["num_samples"] = info["train_size"]
+    if "num_classes" in wanted:
+        if not info.get("num_classes"):
+            raise ValueError(
+                f"method '{name}' trains on labels, but dataset '{config.data['name']}' has "
+                f"none; choose a labelled dataset"
+            )
+        supplied["num_classes"] = info["num_classes"]
+    if "pretrained" in wanted:
+        supplied["pretrained"] = _pretrained(config, info, run_dir, init_weights)
+    elif config.train.init is not None:
+        raise ValueError(
+            f"train.init starts a method from a pre-trained encoder, and method '{name}' takes "
+            f"none; use method finetune (`selfsup finetune {config.train.init}`)"
+        )
+    method = METHODS.build(config.method, **supplied)
+    if config.train.target not in ("method", "stop_gradient"):
+        raise ValueError(
+            f"train.target must be 'method' or 'stop_gradient', not '{config.train.target}'"
+        )
+    if config.train.target == "stop_gradient":
+        use_stop_gradient_targets(method)  # here, not in train(): a loaded run needs it too
+    return method
+
+
+def _pretrained(
+    config: Config, info: dict[str, Any], run_dir: Path | None, weights: bool
+) -> nn.Module:
+    copy = run_dir / "init" if run_dir is not None else None
+    if copy is not None and (copy / "config.yaml").is_file():
+        source = copy
+    elif config.train.init is None:
+        raise ValueError(
+            f"method '{config.method['name']}' fine-tunes a pre-trained encoder: set "
+            f"train.init=RUN_DIR (or run `selfsup finetune RUN_DIR`)"
+        )
+    else:
+        source = Path(config.train.init)
+    source_config, source_info = read_run_files(source)
+    if source_info["channels"] != info["channels"]:
+        raise ValueError(
+            f"train.init={config.train.init} was trained on {source_info['channels']}-channel "
+            f"images, dataset '{config.data['name']}' has {info['channels']}"
+        )
+    method = build_method(source_config, source_info, source)
+    if weights:
+        state = load_checkpoint(Path(config.train.init) / "checkpoints" / "last.pt")
+        method.load_state_dict(state["method"])
+    return method.encoder
+
+
+def read_run_files(path: Path) -> tuple[Config, dict[str, Any]]:
+    """The resolved config and data description a run folder was created with."""
+    if not (path / "config.yaml").is_file():
+        raise FileNotFoundError(
+            f"{path} is not a run folder (no config.yaml); runs are created by "
+            f"`selfsup train RECIPE`"
+        )
+    config = resolve(yaml.safe_load((path / "config.yaml").read_text()))
+    return config, json.loads((path / "data.json").read_text())
+
+
+def finetune_config(
+    run_dir: str | Path, overrides: list[str] | None = None, recipe: str | None = None
+) -> Config:
+    """The config that fine-tunes the encoder of `run_dir`: a finetune recipe (default:
+    finetune/<the run's dataset>) with the run's backbone, data and image size, train.init=run."""
+    source, info = read_run_files(Path(run_dir))
+    if recipe is None:
+        recipe = f"finetune/{source.data['name']}"
+        if recipe not in recipe_names():
+            raise FileNotFoundError(
+                f"no fine-tuning recipe for dataset '{source.data['name']}' ({recipe}); give one "
+                f"with --recipe (e.g. finetune/fashion_mnist) and override what differs"
+            )
+    raw = load_recipe(recipe)
+    raw["backbone"], raw["data"] = source.backbone, source.data
+    raw["views"] = {**raw.get("views", {}), "size": info["image_size"]}
+    raw["train"] = {**raw.get("train", {}), "init": str(run_dir)}
+    return resolve(apply_overrides(raw, overrides or []))
+
+
+def copy_run_files(source: Path, destination: Path) -> None:
+    """Copy what rebuilds a run's method (config, data description, its own init copy)."""
+    destination.mkdir(parents=True, exist_ok=True)
+    for name in ("config.yaml", "data.json"):
+        shutil.copy2(source / name, destination / name)
+    if (source / "init").is_dir():
+        copy_run_files(source / "init", destination / "init")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name} but CUDA is not available; use train.device=cpu")
+    return device

@@ -1,0 +1,26 @@
+"""What one training step shows a method: its views and the training progress.
+
+The ground floor: the engine builds these and every method reads them, so they depend on nothing
+else in the package.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Progress:
+    step: int  # optimizer steps done before this one
+    epoch: float  # step / steps_per_epoch
+    fraction: float  # step / total_steps, in [0, 1]
+
+
+@dataclass
+class Views:
+    large: list[Tensor]  # global crops, each (N, C, H, W); the first two are "the two views"
+    small: list[Tensor] = field(default_factory=list)  # multi-crop local views
+    index: Tensor | None = None  # dataset indices (N,), for memory banks
+    labels: Tensor | None = None  # class labels (N,): only for methods with uses_labels = True

@@ -1,0 +1,139 @@
+"""Supervised training and fine-tuning through the one loop: the loss, labels reaching only the
+methods that use them, pre-trained weights, frozen stages, resume, self-contained run folders."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import selfsup
+from selfsup.config import resolve
+from selfsup.methods.simclr import SimCLR
+from selfsup.methods.supervised import FineTune, Supervised
+from selfsup.step import Views
+
+
+def test_supervised_loss_is_the_cross_entropy_of_the_head_on_the_labels(tiny_backbone, progress):
+    method = Supervised(tiny_backbone, num_classes=3)
+    x = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 2, 1, 1, 0])
+    out = method(Views([x], labels=labels), progress)
+    with torch.no_grad():
+        logits = method.head(method.backbone(x))
+    expected = -torch.stack([logits[i].log_softmax(0)[labels[i]] for i in range(5)]).mean()
+    torch.testing.assert_close(out["loss"].detach(), expected)
+    top1 = 100 * (logits.argmax(1) == labels).float().mean()
+    torch.testing.assert_close(out["train_top1"], top1)
+
+
+def test_labels_reach_a_supervised_method_and_never_a_self_supervised_one(tiny_config, monkeypatch):
+    seen = {}
+    for cls in (SimCLR, Supervised):
+        original = cls.forward
+
+        def record(self, views, progress, original=original, name=cls.__name__):
+            seen.setdefault(name, []).append(views.labels)
+            return original(self, views, progress)
+
+        monkeypatch.setattr(cls, "forward", record)
+    tiny_config["train"].update(max_steps=2, knn_every=0)
+    selfsup.train(resolve(tiny_config))
+    tiny_config["method"] = {"name": "supervised"}
+    tiny_config["train"]["name"] = "supervised"
+    run = selfsup.train(resolve(tiny_config))
+    assert seen["SimCLR"] == [None, None]
+    data = selfsup.DATASETS.build(run.config.data, split="train")
+    batches = selfsup.data.loader.Batches(data.images, 32, seed=0)
+    for labels in seen["Supervised"]:
+        assert torch.equal(labels, data.labels[batches.next()[1]])
+
+
+def test_supervised_training_from_scratch_learns_and_resumes_exactly(tiny_config):
+    tiny_config["method"] = {"name": "supervised"}
+    tiny_config["views"] = {"name": "crop_flip", "size": 16, "scale": [0.5, 1.0]}
+    tiny_config["train"].update(epochs=3, knn_every=3)
+    straight = selfsup.train(resolve(tiny_config))
+    losses = [r["loss"] for r in straight.metrics if "loss" in r]
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.3
+    assert selfsup.evaluate(straight, ["knn"])["knn_top1"] > 50  # chance: 10 %
+    tiny_config["train"].update(name="halves", max_steps=13)
+    half = selfsup.train(resolve(tiny_config))
+    resumed = selfsup.train(resume=half.path, overrides=["train.max_steps=null"])
+    a, b = straight.checkpoint()["method"], resumed.checkpoint()["method"]
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
+
+
+@pytest.fixture
+def pretrained(tiny_config):
+    tiny_config["train"].update(epochs=1, knn_every=0, name="pretrained")
+    return selfsup.train(resolve(tiny_config))
+
+
+def _finetune(pretrained, *overrides):
+    return selfsup.finetune(
+        pretrained.path,
+        [
+            f"train.out_dir={pretrained.path.parent}",
+            "train.knn_every=0",
+            "train.progress=false",
+            "optim.batch_size=32",
+            *overrides,
+        ],
+        recipe="finetune/fashion_mnist",
+    )
+
+
+def _parameters(encoder):
+    return {k: v.detach().clone() for k, v in encoder.named_parameters()}
+
+
+def test_finetuning_starts_from_the_pretrained_encoder(pretrained):
+    tuned = _finetune(pretrained, "optim.lr=0.0", "train.max_steps=1", "train.name=lr0")
+    start = _parameters(selfsup.load(pretrained.path).encoder)
+    after = _parameters(tuned.encoder)
+    assert start.keys() == after.keys()
+    assert all(torch.equal(start[k], after[k]) for k in start)  # lr 0: still the pre-trained ones
+    assert tuned.config.data == pretrained.config.data
+    assert tuned.config.backbone == pretrained.config.backbone
+
+
+def test_finetuning_with_frozen_stages_moves_only_the_later_ones(pretrained):
+    tuned = _finetune(pretrained, "method.freeze_to=layer3", "train.epochs=1", "train.name=f3")
+    before = selfsup.load(pretrained.path).encoder.state_dict()
+    after = tuned.encoder.state_dict()
+    for key in before:
+        frozen = not key.startswith("layer4")  # stem, layer1-3: weights and BN statistics
+        assert torch.equal(before[key], after[key]) == frozen, key
+    assert selfsup.evaluate(tuned, ["knn"])["knn_top1"] > 30
+
+
+def test_a_finetuned_run_loads_and_resumes_without_the_run_it_started_from(pretrained, tmp_path):
+    tuned = _finetune(pretrained, "train.max_steps=4", "train.name=selfcontained")
+    assert (tuned.path / "init" / "config.yaml").is_file()
+    shutil.rmtree(pretrained.path)
+    resumed = selfsup.train(resume=tuned.path, overrides=["train.max_steps=6"])
+    assert resumed.checkpoint()["step"] == 6
+    assert selfsup.load(tuned.path).encoder.num_features == 64
+
+
+def test_finetuning_errors_name_the_problem_and_the_fix(pretrained, tiny_config):
+    with pytest.raises(ValueError, match="freeze_to='layer9'.*valid: layer1, layer2, layer3"):
+        _finetune(pretrained, "method.freeze_to=layer9", "train.name=bad")
+    tiny_config["method"] = {"name": "finetune"}
+    tiny_config["train"]["name"] = "noinit"
+    with pytest.raises(ValueError, match="set train.init=RUN_DIR"):
+        selfsup.train(resolve(tiny_config))
+    tiny_config["method"] = {"name": "simclr"}
+    tiny_config["train"]["init"] = str(pretrained.path)
+    with pytest.raises(ValueError, match="method 'simclr' takes none"):
+        selfsup.train(resolve(tiny_config))
+    with pytest.raises(ValueError, match="'method.num_classes' is set by the engine"):
+        resolve({**tiny_config, "method": {"name": "supervised", "num_classes": 3}})
+
+
+def test_finetune_keeps_frozen_modules_in_eval_mode(tiny_backbone):
+    method = FineTune(tiny_backbone, pretrained=tiny_backbone, num_classes=2, freeze_to="conv")
+    method.train()
+    assert not tiny_backbone.conv.training and tiny_backbone.bn.training
+    assert not tiny_backbone.conv.weight.requires_grad and tiny_backbone.bn.weight.requires_grad
