@@ -22,6 +22,13 @@ from selfsup.methods.base import Method
 from selfsup.registry import BACKBONES, DATASETS, METHODS, VIEWS, parameters
 from selfsup.target import use_stop_gradient_targets
 
+# Supplied values taken from another run: parameter -> (the train.* key naming that run, which is
+# also the folder of its copy inside a new run; what of that run's method is passed).
+FROM_RUNS = {
+    "pretrained": ("init", lambda method: method.encoder),  # fine-tuning
+    "teacher": ("teacher", lambda method: method),  # distillation
+}
+
 
 def load_data(config: Config, split: str) -> ImageData:
     return DATASETS.build(config.data, split=split)
@@ -53,9 +60,9 @@ def build_method(
 ) -> Method:
     """The method of `config` for data described by `info`, with what it needs supplied.
 
-    A method that takes `pretrained` gets the encoder of the run `train.init`; its architecture
-    comes from the copy in `run_dir/init` when there is one (a run stays loadable without the
-    run it started from), its weights from that run's checkpoint only with `init_weights`.
+    A method that takes `pretrained` gets the encoder of the run `train.init`, one that takes
+    `teacher` the method of the run `train.teacher` (FROM_RUNS); with their checkpoint's weights
+    only with `init_weights` (a fresh start: later the run's own checkpoint holds them).
     """
     name = config.method["name"]
     wanted = parameters(METHODS.get(name))
@@ -74,13 +81,14 @@ def build_method(
                 f"none; choose a labelled dataset"
             )
         supplied["num_classes"] = info["num_classes"]
-    if "pretrained" in wanted:
-        supplied["pretrained"] = _pretrained(config, info, run_dir, init_weights)
-    elif config.train.init is not None:
-        raise ValueError(
-            f"train.init starts a method from a pre-trained encoder, and method '{name}' takes "
-            f"none; use method finetune (`selfsup finetune {config.train.init}`)"
-        )
+    for parameter, (key, part) in FROM_RUNS.items():
+        if parameter in wanted:
+            supplied[parameter] = part(_method_of_run(config, info, key, run_dir, init_weights))
+        elif getattr(config.train, key) is not None:
+            raise ValueError(
+                f"train.{key} gives a method its {parameter} from another run, and method "
+                f"'{name}' takes none (methods that do: {', '.join(_takers(parameter))})"
+            )
     method = METHODS.build(config.method, **supplied)
     if config.train.target not in ("method", "stop_gradient"):
         raise ValueError(
@@ -91,30 +99,37 @@ def build_method(
     return method
 
 
-def _pretrained(
-    config: Config, info: dict[str, Any], run_dir: Path | None, weights: bool
-) -> nn.Module:
-    copy = run_dir / "init" if run_dir is not None else None
+def _method_of_run(
+    config: Config, info: dict[str, Any], key: str, run_dir: Path | None, weights: bool
+) -> Method:
+    """The method of the run that train.<key> names. Its architecture comes from the copy in
+    run_dir/<key> when there is one (a run stays loadable without the runs it started from);
+    its weights from that run's checkpoint only with `weights` (a fresh start)."""
+    named = getattr(config.train, key)
+    copy = run_dir / key if run_dir is not None else None
     if copy is not None and (copy / "config.yaml").is_file():
         source = copy
-    elif config.train.init is None:
+    elif named is None:
         raise ValueError(
-            f"method '{config.method['name']}' fine-tunes a pre-trained encoder: set "
-            f"train.init=RUN_DIR (or run `selfsup finetune RUN_DIR`)"
+            f"method '{config.method['name']}' starts from another run: set train.{key}=RUN_DIR"
+            + (" (or run `selfsup finetune RUN_DIR`)" if key == "init" else "")
         )
     else:
-        source = Path(config.train.init)
+        source = Path(named)
     source_config, source_info = read_run_files(source)
     if source_info["channels"] != info["channels"]:
         raise ValueError(
-            f"train.init={config.train.init} was trained on {source_info['channels']}-channel "
-            f"images, dataset '{config.data['name']}' has {info['channels']}"
+            f"train.{key}={named} was trained on {source_info['channels']}-channel images, "
+            f"dataset '{config.data['name']}' has {info['channels']}"
         )
     method = build_method(source_config, source_info, source)
     if weights:
-        state = load_checkpoint(Path(config.train.init) / "checkpoints" / "last.pt")
-        method.load_state_dict(state["method"])
-    return method.encoder
+        method.load_state_dict(load_checkpoint(Path(named) / "checkpoints" / "last.pt")["method"])
+    return method
+
+
+def _takers(parameter: str) -> list[str]:
+    return [n for n in METHODS.names() if parameter in parameters(METHODS.get(n))]
 
 
 def read_run_files(path: Path) -> tuple[Config, dict[str, Any]]:
@@ -153,8 +168,9 @@ def copy_run_files(source: Path, destination: Path) -> None:
     destination.mkdir(parents=True, exist_ok=True)
     for name in ("config.yaml", "data.json"):
         shutil.copy2(source / name, destination / name)
-    if (source / "init").is_dir():
-        copy_run_files(source / "init", destination / "init")
+    for key, _ in FROM_RUNS.values():
+        if (source / key).is_dir():
+            copy_run_files(source / key, destination / key)
 
 
 def pick_device(name: str) -> torch.device:

@@ -12,6 +12,10 @@ from selfsup.engine.log import format_duration
 from selfsup.registry import METHODS
 
 DEMO_RECIPE = "simclr/fashion_mnist"
+DEMO_MINUTES = 15.0
+# Kept from the demo's budget for evaluating (kNN and linear probe of the features and of the raw
+# pixels): about 1 minute on the faster and 2 on the slower of this project's 2-core machines.
+EVAL_RESERVE_MINUTES = 2.5
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -48,8 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", help="fine-tuning recipe (default: finetune/<the run's dataset>)")
     p.set_defaults(func=_finetune)
 
-    p = sub.add_parser("eval", help="evaluate a run's encoder: knn, linear")
-    p.add_argument("protocol", choices=["knn", "linear", "all"])
+    p = sub.add_parser("eval", help="evaluate a run: its encoder (knn, linear), its classifier")
+    p.add_argument("protocol", choices=["knn", "linear", "classify", "all"])
     p.add_argument("run_dir")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_eval)
@@ -74,6 +78,13 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="pre-train, evaluate, and compare with raw-pixel baselines")
     p.add_argument("overrides", nargs="*", help="section.key=value")
     p.add_argument("--recipe", default=DEMO_RECIPE)
+    p.add_argument(
+        "--minutes",
+        type=float,
+        default=DEMO_MINUTES,
+        help=f"the whole demo's budget (default {DEMO_MINUTES:g}); pre-training gets all but "
+        f"{EVAL_RESERVE_MINUTES:g} minutes kept for evaluation, unless train.epochs is given",
+    )
     p.set_defaults(func=_demo)
     return parser
 
@@ -101,9 +112,15 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from selfsup.eval.protocols import PROTOCOLS, evaluate
+    from selfsup.eval.protocols import CLASSIFY, PROTOCOLS, evaluate
+    from selfsup.run import Run
 
-    protocols = list(PROTOCOLS) if args.protocol == "all" else [args.protocol]
+    protocols = [args.protocol]
+    if args.protocol == "all":  # and the classifier's own accuracy where there is one
+        protocols = [
+            *PROTOCOLS,
+            *([CLASSIFY] if hasattr(Run(args.run_dir).method, "classify") else []),
+        ]
     results = evaluate(args.run_dir, protocols, device=args.device)
     for key, value in results.items():
         shown = f"{value:g}" if key.endswith("weight_decay") else f"{value:6.2f}"
@@ -144,9 +161,18 @@ def _demo(args: argparse.Namespace) -> int:
     from selfsup.engine.train import train
     from selfsup.eval.protocols import evaluate, pixel_baselines
 
-    config = load_config(args.recipe, args.overrides)
+    overrides = list(args.overrides)
+    if not any(o.startswith(("train.epochs=", "train.budget_minutes=")) for o in overrides):
+        if args.minutes <= EVAL_RESERVE_MINUTES:
+            raise ValueError(
+                f"--minutes {args.minutes:g} leaves no time to pre-train: evaluation keeps "
+                f"{EVAL_RESERVE_MINUTES:g} minutes; give more, or set train.epochs"
+            )
+        overrides.append(f"train.budget_minutes={args.minutes - EVAL_RESERVE_MINUTES}")
+    config = load_config(args.recipe, overrides)
     began = time.perf_counter()
     run = train(config)
+    epochs = run.config.train.epochs
     trained = time.perf_counter()
     print(
         f"pre-training took {format_duration(trained - began)}; evaluating on the test split",
@@ -161,9 +187,13 @@ def _demo(args: argparse.Namespace) -> int:
         ("raw pixels", pixels),
         (f"{config.method['name']} + {config.backbone['name']} ({backbone})", learned),
     ]
+    budget = config.train.budget_minutes
+    chosen = (
+        f" (chosen to fill {budget:g} minutes; replay: train.epochs={epochs!r})" if budget else ""
+    )
     print(
         f"\n{config.data['name']} {config.eval.test_split} split, "
-        f"{config.train.epochs:g} epochs of pre-training"
+        f"{epochs:.3g} epochs of pre-training{chosen}"
     )
     print(f"{'features':44s} {f'kNN top-1 (k={k})':>18s} {'linear top-1':>13s}")
     for name, r in rows:

@@ -56,6 +56,7 @@ class TrainConfig:
     # method: as the paper; stop_gradient: every EMA target becomes a stop-gradient copy (seed 002)
     target: str = "method"
     init: str | None = None  # run folder whose encoder a fine-tuning method starts from
+    teacher: str | None = None  # run folder of the classifier a distillation method learns from
     device: str = "auto"  # auto | cpu | cuda | cuda:1 | mps
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | fp32 | bf16 | fp16
     channels_last: bool = True  # ~1.35x faster convolutions on CPU

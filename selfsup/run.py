@@ -5,7 +5,8 @@
 <run>/metrics.jsonl        one JSON object per logged step, kNN monitor and evaluation
 <run>/checkpoints/last.pt  method, optimizer, data order and RNG state (atomic)
 <run>/curves.png           loss and kNN curves
-<run>/init/                config.yaml and data.json of the run train.init named (fine-tuning)
+<run>/init/, <run>/teacher/  config.yaml and data.json of the runs train.init / train.teacher
+                           named (fine-tuning, distillation): the run rebuilds without them
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from selfsup.build import build_method, build_views, copy_run_files, read_run_files
+from selfsup.build import FROM_RUNS, build_method, build_views, copy_run_files, read_run_files
 from selfsup.config import Config
 from selfsup.files import load_checkpoint, read_metrics
 from selfsup.methods.base import Method
@@ -47,8 +48,9 @@ class Run:
         path.mkdir(parents=True, exist_ok=True)
         (path / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         (path / "data.json").write_text(json.dumps(info, indent=1))
-        if config.train.init is not None:
-            copy_run_files(Path(config.train.init), path / "init")
+        for key, _ in FROM_RUNS.values():  # what rebuilds the runs it starts from
+            if getattr(config.train, key) is not None:
+                copy_run_files(Path(getattr(config.train, key)), path / key)
         return cls(path)
 
     @cached_property

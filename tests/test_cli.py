@@ -45,3 +45,17 @@ def test_train_resume_eval_embed_export_from_the_command_line(tiny_config, tmp_p
     assert (tmp_path / "f.npy").is_file()
     assert main(["export", run_dir, "-o", str(tmp_path / "w.pt")]) == 0
     assert (tmp_path / "w.pt").is_file()
+
+
+def test_demo_fills_its_time_budget_and_says_how_to_replay_it(tiny_config, tmp_path, capsys):
+    import yaml
+
+    tiny_config["train"]["knn_every"] = 0
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_config))
+    assert main(["demo", "--recipe", str(recipe), "--minutes", "2.55"]) == 0  # 3 s to pre-train
+    out = capsys.readouterr().out
+    assert "chosen to fill 0.05 minutes; replay: train.epochs=" in out
+    assert "raw pixels" in out and "simclr" in out
+    assert main(["demo", "--recipe", str(recipe), "--minutes", "2"]) == 2
+    assert "leaves no time to pre-train" in capsys.readouterr().err

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 import selfsup.methods  # noqa: F401  (registers the methods)
-from selfsup.build import build_method, build_views, load_data
+from selfsup.build import FROM_RUNS, build_method, build_views, load_data
 from selfsup.config import resolve
 from selfsup.engine.optim import Schedule, build_optimizer
 from selfsup.engine.train import Precision, training_step
@@ -26,6 +26,7 @@ BACKBONES = {
 }
 INFO = {"channels": 1, "image_size": 16, "mean": [0.5], "std": [0.25], "num_classes": 10,
         "classes": [str(i) for i in range(10)], "train_size": 40}  # fmt: skip
+SOURCE_METHODS = {"pretrained": "simclr", "teacher": "supervised"}  # what those runs trained
 BN_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 
 
@@ -38,13 +39,14 @@ def _config(method, backbone, tmp_path):
         "views": {"name": "swav", "size": 16, "num_small": 2, "small_size": 8, "blur_p": 0.0},
         "optim": {"lr": 0.05, "batch_size": 16, "warmup_epochs": 0},
     }
-    if "pretrained" in _wanted(method):  # fine-tuning starts from a (SimCLR) run's encoder
-        init = tmp_path / "init"
-        init.mkdir(exist_ok=True)
-        pretrained = resolve({**raw, "method": {"name": "simclr"}})
-        (init / "config.yaml").write_text(yaml.safe_dump(pretrained.to_dict()))
-        (init / "data.json").write_text(json.dumps(INFO))
-        raw["train"] = {"init": str(tmp_path)}
+    for parameter, (key, _) in FROM_RUNS.items():  # a run to start from: its copy in tmp_path
+        if parameter in _wanted(method):
+            source = tmp_path / key
+            source.mkdir(exist_ok=True)
+            source_config = resolve({**raw, "method": {"name": SOURCE_METHODS[parameter]}})
+            (source / "config.yaml").write_text(yaml.safe_dump(source_config.to_dict()))
+            (source / "data.json").write_text(json.dumps(INFO))
+            raw.setdefault("train", {})[key] = str(tmp_path)
     return resolve(raw)
 
 

@@ -198,6 +198,11 @@ class Parts:
         batches = Batches(data.images.to(device), config.optim.batch_size, seed=settings.seed)
         total_steps = max(round(settings.epochs * batches.steps_per_epoch), 1)
         optimizer = build_optimizer(method, config.optim)
+        if method.uses_labels and data.labels is None:
+            raise ValueError(
+                f"method '{config.method['name']}' trains on labels and dataset "
+                f"'{config.data['name']}' has none; choose a labelled dataset"
+            )
         labels = data.labels.to(device) if method.uses_labels else None
         return cls(
             config,

@@ -13,19 +13,21 @@ from selfsup.build import load_data, pick_device
 from selfsup.config import Config
 from selfsup.data.datasets import ImageData
 from selfsup.eval.features import extract, pixel_features
-from selfsup.eval.knn import knn
+from selfsup.eval.knn import accuracy, knn
 from selfsup.eval.linear import linear_probe
 from selfsup.files import MetricsLog
 from selfsup.registry import DATASETS
 from selfsup.run import Run
 
-PROTOCOLS = ("knn", "linear")
+PROTOCOLS = ("knn", "linear")  # of any run's frozen encoder
+CLASSIFY = "classify"  # a classifier run's own predictions (supervised, finetune, distill)
 
 
 def _check(protocols: list[str]) -> None:
     for name in protocols:
-        if name not in PROTOCOLS:
-            raise ValueError(f"unknown evaluation '{name}'; valid: {', '.join(PROTOCOLS)}")
+        if name not in (*PROTOCOLS, CLASSIFY):
+            valid = ", ".join((*PROTOCOLS, CLASSIFY))
+            raise ValueError(f"unknown evaluation '{name}'; valid: {valid}")
 
 
 def _splits(config: Config) -> tuple[ImageData, ImageData]:
@@ -82,7 +84,8 @@ def evaluate(
     protocols: list[str] | tuple[str, ...] = PROTOCOLS,
     device: str = "auto",
 ) -> dict[str, float]:
-    """kNN and/or linear probe of a run's frozen encoder on its dataset's train/test splits.
+    """kNN and/or linear probe of a run's frozen encoder on its dataset's train/test splits, and
+    for a classifier run (`classify`) the test accuracy of its own predictions.
 
     Results are appended to the run's metrics.jsonl and stored in <run>/eval.json.
     """
@@ -91,11 +94,24 @@ def evaluate(
     run = run_dir if isinstance(run_dir, Run) else Run(run_dir)
     config = run.config
     train, test = _splits(config)
-    encoder = run.encoder.to(pick_device(device))
+    target = pick_device(device)
     transform, batch_size = run.views.eval_transform, config.eval.batch_size
-    train_f = extract(encoder, train.images, transform, batch_size)
-    test_f = extract(encoder, test.images, transform, batch_size)
-    results = _protocols(config, protocols, train_f, train, test_f, test)
+    results: dict[str, float] = {}
+    if CLASSIFY in protocols:
+        if not hasattr(run.method, "classify"):
+            raise ValueError(
+                f"{run.path} trained method '{config.method['name']}', which has no classifier; "
+                f"'classify' is for supervised, finetune and distill runs (use knn or linear)"
+            )
+        method = run.method.to(target)
+        logits = extract(method.classify, test.images, transform, batch_size, target)
+        out = accuracy(logits, test.labels)
+        results.update(classify_top1=out["top1"], classify_top5=out["top5"])
+    if set(protocols) & set(PROTOCOLS):
+        encoder = run.encoder.to(target)
+        train_f = extract(encoder, train.images, transform, batch_size)
+        test_f = extract(encoder, test.images, transform, batch_size)
+        results.update(_protocols(config, protocols, train_f, train, test_f, test))
     step = run.checkpoint()["step"]
     MetricsLog(run.metrics_path).write({"event": "eval", "step": step, **results})
     stored = run.path / "eval.json"

@@ -1,6 +1,7 @@
 """Methods register themselves in METHODS on import; one line per method module."""
 
 import selfsup.methods.byol  # noqa: F401
+import selfsup.methods.distill  # noqa: F401
 import selfsup.methods.moco  # noqa: F401
 import selfsup.methods.simclr  # noqa: F401
 import selfsup.methods.simsiam  # noqa: F401

@@ -26,6 +26,7 @@ SUPPLIED = {
     "num_samples": "the number of training images (one memory-bank slot each)",
     "num_classes": "the number of classes of the labelled training data",
     "pretrained": "the encoder of the run named by train.init, with its weights (fine-tuning)",
+    "teacher": "the method of the run named by train.teacher, with its weights (distillation)",
 }
 
 

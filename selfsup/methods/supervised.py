@@ -26,7 +26,7 @@ class Supervised(Method):
     ) -> None:
         super().__init__(backbone)
         self.head = nn.Linear(backbone.num_features, num_classes)
-        self.label_smoothing = label_smoothing
+        self.num_classes, self.label_smoothing = num_classes, label_smoothing
 
     def classify(self, x: Tensor) -> Tensor:
         """Class logits (N, num_classes) of images x."""

@@ -137,3 +137,19 @@ def test_finetune_keeps_frozen_modules_in_eval_mode(tiny_backbone):
     method.train()
     assert not tiny_backbone.conv.training and tiny_backbone.bn.training
     assert not tiny_backbone.conv.weight.requires_grad and tiny_backbone.bn.weight.requires_grad
+
+
+def test_a_classifier_run_is_evaluated_by_its_own_predictions(pretrained, capsys):
+    from selfsup.cli import main
+
+    tuned = _finetune(pretrained, "train.max_steps=4", "train.name=classify")
+    method = tuned.method
+    data = selfsup.DATASETS.build(tuned.config.data, split="test")
+    with torch.no_grad():
+        logits = method.classify(tuned.views.eval_transform(data.images))
+    expected = 100 * (logits.argmax(1) == data.labels).float().mean().item()
+    assert selfsup.evaluate(tuned, ["classify"])["classify_top1"] == pytest.approx(expected)
+    assert main(["eval", "all", str(tuned.path)]) == 0
+    assert {"classify_top1", "knn_top1", "linear_top1"} <= set(capsys.readouterr().out.split())
+    with pytest.raises(ValueError, match="has no classifier"):
+        selfsup.evaluate(pretrained, ["classify"])
