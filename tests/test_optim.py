@@ -111,6 +111,13 @@ def test_a_frozen_group_does_not_move_during_its_period_then_trains():
     assert not torch.equal(method.head.weight, head)
 
 
+def test_a_group_frozen_for_good_never_moves():
+    method = Regression({"head": Group(frozen_epochs=float("inf"))})
+    head = method.head.weight.detach().clone()
+    _steps(method, OptimConfig(lr=0.1, warmup_epochs=0), range(4))
+    assert torch.equal(method.head.weight, head)
+
+
 def test_no_decay_where_a_group_says_so_and_decay_elsewhere_is_exact():
     method = Regression({"head": Group(weight_decay=0.0)})
     method.head.weight.register_hook(lambda g: torch.zeros_like(g))  # decay is the only force

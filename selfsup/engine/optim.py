@@ -172,7 +172,7 @@ class Schedule:
             )
 
     def frozen(self, group: dict, step: int) -> bool:
-        return step < round(group["frozen_epochs"] * self.steps_per_epoch)
+        return step < group["frozen_epochs"] * self.steps_per_epoch  # .inf: frozen throughout
 
     def drop_frozen_gradients(self, step: int) -> None:
         """Between backward and the optimizer step: frozen groups lose their gradients, so the

@@ -80,7 +80,11 @@ def train(
     if resume is None and settings.budget_minutes is not None:
         config, budget = fit_budget(config, data)
         settings = config.train
-    parts = Parts.build(config, data, run_dir=run.path if resume is not None else None)
+    run_dir = run.path if resume is not None else None
+    # Weights of the runs it starts from (train.init, train.teacher) load unless a checkpoint of
+    # this run will replace them.
+    fresh = resume is None or not run.checkpoint_path.is_file()
+    parts = Parts.build(config, data, run_dir, init_weights=fresh)
     if resume is None:
         run = Run.create(config, parts.info)
     else:
@@ -182,15 +186,22 @@ class Parts:
     memory_format: torch.memory_format
 
     @classmethod
-    def build(cls, config: Config, data: ImageData, run_dir: Path | None = None) -> Parts:
-        """Seeded parts; a fresh run (no `run_dir`) loads a pre-trained encoder's weights."""
+    def build(
+        cls,
+        config: Config,
+        data: ImageData,
+        run_dir: Path | None = None,
+        init_weights: bool = True,
+    ) -> Parts:
+        """Seeded parts of a new run, or of the run in `run_dir`; `init_weights`: load the
+        weights of the runs it starts from (build_method)."""
         settings = config.train
         device = pick_device(settings.device)
         torch.manual_seed(settings.seed)
         views = build_views(config)
         info = data_info(data, views)
         views.set_stats(info["mean"], info["std"])
-        method = build_method(config, info, run_dir, init_weights=run_dir is None).to(device)
+        method = build_method(config, info, run_dir, init_weights).to(device)
         memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
         method = method.to(memory_format=memory_format)
         if settings.compile:

@@ -153,3 +153,12 @@ def test_a_classifier_run_is_evaluated_by_its_own_predictions(pretrained, capsys
     assert {"classify_top1", "knn_top1", "linear_top1"} <= set(capsys.readouterr().out.split())
     with pytest.raises(ValueError, match="has no classifier"):
         selfsup.evaluate(pretrained, ["classify"])
+
+
+def test_a_finetune_run_resumed_before_its_first_checkpoint_still_starts_pretrained(pretrained):
+    tuned = _finetune(pretrained, "optim.lr=0.0", "train.max_steps=1", "train.name=nockpt")
+    tuned.checkpoint_path.unlink()  # as if killed before the first save
+    resumed = selfsup.train(resume=tuned.path)
+    start = _parameters(selfsup.load(pretrained.path).encoder)
+    after = _parameters(selfsup.load(resumed.path).encoder)
+    assert all(torch.equal(start[k], after[k]) for k in start)
