@@ -72,7 +72,7 @@ class Setup:
         )  # fmt: skip
 
 
-def _batches(config, n=3):
+def _batches(config, with_labels, n=3):
     data = load_data(config, "train")
     views = build_views(config, INFO)
     generator = torch.Generator().manual_seed(0)
@@ -80,7 +80,7 @@ def _batches(config, n=3):
     for i in range(n):
         index = torch.arange(16) + 8 * i
         large, small = views(data.images[index], generator)
-        out.append(Views(large, small, index, data.labels[index] if True else None))
+        out.append(Views(large, small, index, data.labels[index] if with_labels else None))
     return out
 
 
@@ -107,9 +107,8 @@ def backbone(request):
 @pytest.mark.parametrize("name", METHODS.names())
 def test_method_keeps_the_contract(name, backbone, tmp_path):
     config = _config(name, backbone, tmp_path)
-    batches = _batches(config)
-    for views in batches:  # a method that trains without labels never sees them
-        views.labels = views.labels if METHODS.get(name).uses_labels else None
+    # as in the engine: a method that trains without labels never sees them
+    batches = _batches(config, with_labels=METHODS.get(name).uses_labels)
 
     setup = Setup(config, tmp_path)
     method = setup.method
