@@ -1,6 +1,9 @@
-"""Stores of negatives that outlive a batch: a FIFO queue of keys (MoCo; SwAV's feature queue)."""
+"""Stores of negatives that outlive a batch: a FIFO queue of keys (MoCo; SwAV's feature queue) and
+a memory bank of one feature per training image (InstDisc, CMC)."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -38,3 +41,46 @@ class Queue(nn.Module):
 
     def extra_repr(self) -> str:
         return f"size={self.keys.shape[0]}, dim={self.keys.shape[1]}"
+
+
+class MemoryBank(nn.Module):
+    """One feature per training image, addressed by dataset index (InstDisc, CMC, hybrid MoCo).
+
+    `features` (size, dim) is a persistent buffer, so a checkpoint resumes the bank exactly. It
+    starts uniform in [-s, s] with s = 1/sqrt(dim/3), as in InstDisc's and CMC's code (unit
+    expected norm). `update(index, f)` moves the entries of a batch towards its new features and
+    renormalises them, v ← normalise(m·v + (1 − m)·f) (Wu et al. 2018, §3.2: m = 0.5; m = 0:
+    overwrite). Pass the whole (gathered) batch: `dist.gather_nograd(index)`, `...(f)`.
+    """
+
+    def __init__(self, size: int, dim: int, momentum: float = 0.5) -> None:
+        super().__init__()
+        if size < 1 or dim < 1:
+            raise ValueError(f"a memory bank needs size >= 1 and dim >= 1, got {size}, {dim}")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"memory bank momentum must be in [0, 1), got {momentum}")
+        bound = 1 / math.sqrt(dim / 3)
+        self.register_buffer("features", torch.rand(size, dim).mul_(2 * bound).sub_(bound))
+        self.momentum = momentum
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+    def __getitem__(self, index: Tensor) -> Tensor:
+        """The stored features of `index` (any shape of indices) -> index.shape + (dim,)."""
+        return self.features[index.to(self.features.device)]
+
+    def sample(self, shape: tuple[int, ...], generator: torch.Generator | None = None) -> Tensor:
+        """Indices drawn uniformly with replacement (InstDisc's noise distribution P_n = 1/n)."""
+        return torch.randint(len(self), shape, generator=generator, device=self.features.device)
+
+    @torch.no_grad()
+    def update(self, index: Tensor, features: Tensor) -> None:
+        """v ← normalise(m·v + (1 − m)·f) for the rows `index` (n,) with new features (n, dim)."""
+        index = index.to(self.features.device)
+        old = self.features[index]
+        new = F.normalize(old * self.momentum + features.to(old.dtype) * (1 - self.momentum), dim=1)
+        self.features.index_copy_(0, index, new)
+
+    def extra_repr(self) -> str:
+        return f"size={len(self)}, dim={self.features.shape[1]}, momentum={self.momentum}"
