@@ -4,9 +4,11 @@ run = selfsup.train("simclr/fashion_mnist", ["train.epochs=1"])
 selfsup.evaluate(run)                      # {"knn_top1": ..., "linear_top1": ...}
 features = selfsup.embed(run, "fashion_mnist:test")
 tuned = selfsup.finetune(run)              # its encoder + a new head, trained on the labels
+selfsup.compare(["simclr/fashion_mnist", "byol/fashion_mnist"], minutes=8)   # one table
 """
 
 from selfsup.backbones import create_backbone
+from selfsup.compare import compare
 from selfsup.config import Config, load_config
 from selfsup.engine.train import finetune, train
 from selfsup.eval.protocols import embed, evaluate, export, pixel_baselines
@@ -20,6 +22,7 @@ __all__ = [
     "VIEWS",
     "Config",
     "Run",
+    "compare",
     "create_backbone",
     "embed",
     "evaluate",

@@ -75,6 +75,16 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("methods", help="list the methods")
     p.set_defaults(func=_methods)
 
+    p = sub.add_parser(
+        "compare", help="pre-train recipes at one time budget and tabulate their accuracies"
+    )
+    p.add_argument("recipes", nargs="+", help="recipe names or YAML paths (same data, backbone)")
+    p.add_argument("--minutes", type=float, default=8.0, help="pre-training budget of each run")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (default: 0)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="for every recipe")
+    p.add_argument("--out", default="runs/compare", help="runs, table and chart (reused)")
+    p.set_defaults(func=_compare)
+
     p = sub.add_parser("demo", help="pre-train, evaluate, and compare with raw-pixel baselines")
     p.add_argument("overrides", nargs="*", help="section.key=value")
     p.add_argument("--recipe", default=DEMO_RECIPE)
@@ -154,6 +164,15 @@ def _methods(args: argparse.Namespace) -> int:
 
     for name in METHODS.names():
         print(f"{name:14s} {METHODS.summary(name)}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from selfsup.compare import compare, markdown
+
+    table = compare(args.recipes, args.minutes, args.seeds, args.set, args.out)
+    print(markdown(table))
+    print(f"\ntable: {args.out}/compare.md (.json); chart: {args.out}/compare.png")
     return 0
 
 

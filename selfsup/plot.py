@@ -18,8 +18,43 @@ def plot_curves(metrics: list[dict[str, Any]], path: Path, title: str = "") -> N
     draw = ImageDraw.Draw(image)
     font = _font(12)
     draw.text((8, 4), title, fill="black", font=font)
-    _panel(draw, font, (0, 24), loss, "loss", "step", "#1f77b4")
-    _panel(draw, font, (PANEL_W, 24), knn, "kNN top-1 (%)", "epoch", "#d62728")
+    _panel(draw, font, (0, 24), [(loss, "#1f77b4")], "loss", "step")
+    _panel(draw, font, (PANEL_W, 24), [(knn, "#d62728")], "kNN top-1 (%)", "epoch")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+
+
+# Distinct colours for several runs on one chart (matplotlib's default cycle).
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
+           "#7f7f7f", "#bcbd22", "#17becf")  # fmt: skip
+
+
+def plot_series(
+    series: dict[str, list[tuple[float, float]]],
+    path: Path,
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+    groups: dict[str, str] | None = None,
+) -> None:
+    """Several named lines on one panel, with a legend (e.g. each run's kNN against time).
+
+    `groups` maps a line's name to a legend entry: lines of one group (the seeds of one recipe)
+    share a colour and one legend line. By default every line is its own group.
+    """
+    groups = groups or {name: name for name in series}
+    labels = list(dict.fromkeys(groups[name] for name in series))
+    color = {label: PALETTE[i % len(PALETTE)] for i, label in enumerate(labels)}
+    image = Image.new("RGB", (PANEL_W * 2, PANEL_H + 24 + 16 * len(labels)), "white")
+    draw = ImageDraw.Draw(image)
+    font = _font(12)
+    draw.text((8, 4), title, fill="black", font=font)
+    lines = [(points, color[groups[name]]) for name, points in series.items()]
+    _panel(draw, font, (0, 24), lines, ylabel, xlabel, width=2 * PANEL_W)
+    for i, label in enumerate(labels):
+        y = PANEL_H + 24 + 16 * i
+        draw.line([MARGIN, y + 7, MARGIN + 24, y + 7], fill=color[label], width=3)
+        draw.text((MARGIN + 32, y), label, fill="black", font=font)
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
 
@@ -31,12 +66,14 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
-def _panel(draw, font, origin, points, ylabel, xlabel, color) -> None:  # noqa: ANN001
+def _panel(draw, font, origin, lines, ylabel, xlabel, width=PANEL_W) -> None:  # noqa: ANN001
+    """Axes with ticks and one polyline per (points, colour) in `lines`, on shared scales."""
     x0, y0 = origin[0] + MARGIN, origin[1] + 8
-    w, h = PANEL_W - MARGIN - 16, PANEL_H - MARGIN - 8
+    w, h = width - MARGIN - 16, PANEL_H - MARGIN - 8
     draw.rectangle([x0, y0, x0 + w, y0 + h], outline="#888888")
     draw.text((x0, y0 + h + 18), xlabel, fill="black", font=font)
-    draw.text((x0 + 4, y0 + 2), ylabel, fill=color, font=font)
+    draw.text((x0 + 4, y0 + 2), ylabel, fill=lines[0][1] if len(lines) == 1 else "black", font=font)
+    points = [p for line, _ in lines for p in line]
     if not points:
         draw.text((x0 + w // 3, y0 + h // 2), "no data yet", fill="#888888", font=font)
         return
@@ -61,8 +98,9 @@ def _panel(draw, font, origin, points, ylabel, xlabel, color) -> None:  # noqa: 
         px, _ = to_pixel(value, y_lo)
         draw.line([px, y0 + h, px, y0 + h + 3], fill="#888888")
         draw.text((px - 8, y0 + h + 4), f"{value:.3g}", fill="black", font=font)
-    pixels = [to_pixel(x, y) for x, y in points]
-    if len(pixels) > 1:
-        draw.line(pixels, fill=color, width=2)
-    for px, py in pixels if len(pixels) < 40 else []:
-        draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=color)
+    for line, color in lines:
+        pixels = [to_pixel(x, y) for x, y in line]
+        if len(pixels) > 1:
+            draw.line(pixels, fill=color, width=2)
+        for px, py in pixels if len(pixels) < 40 else []:
+            draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=color)

@@ -23,7 +23,7 @@ FLOORS = [
     # the engine: the loop for every task
     ["selfsup.engine"],
     # what runs on finished runs: evaluation protocols, embedding, export
-    ["selfsup.eval.protocols"],
+    ["selfsup.eval.protocols", "selfsup.compare"],
     # entry points
     ["selfsup.cli", "selfsup.__main__", "selfsup"],
 ]  # fmt: skip

@@ -95,9 +95,10 @@ def train(
     log = MetricsLog(run.metrics_path)
     monitor = KnnMonitor.create(config, data, parts.views, parts.device)
 
-    step = 0
+    step, seconds_before = 0, 0.0  # seconds_before: training time of earlier sittings
     if resume is not None and run.checkpoint_path.is_file():
-        step = parts.load_state_dict(run.checkpoint())
+        checkpoint = run.checkpoint()
+        step, seconds_before = parts.load_state_dict(checkpoint), checkpoint.get("seconds", 0.0)
         log.truncate_after(step)
     elif resume is None:
         log.write({"event": "start", "step": 0, "parameters": _count(method), **_describe(config)})
@@ -107,9 +108,14 @@ def train(
     bar = ProgressBar(last_step, step, batches.batch_size, enabled=settings.progress)
     sums: dict[str, Tensor] = {}
     window_start, window_steps, last_save = time.perf_counter(), 0, time.perf_counter()
+    sitting_start = time.perf_counter()
+
+    def seconds() -> float:
+        """Training time so far, over every sitting of a resumed run (time-to-accuracy)."""
+        return round(seconds_before + time.perf_counter() - sitting_start, 2)
 
     def save() -> None:
-        save_atomic({**parts.state_dict(), "step": step}, run.checkpoint_path)
+        save_atomic({**parts.state_dict(), "step": step, "seconds": seconds()}, run.checkpoint_path)
 
     method.train()
     stop_on_sigterm = _sigterm_as_interrupt()
@@ -138,6 +144,7 @@ def train(
                         **record,
                         "lr": parts.schedule.learning_rate(step - 1),
                         "img_per_s": round(throughput, 1),
+                        "seconds": seconds(),
                     }
                 )
                 sums, window_start, window_steps = {}, time.perf_counter(), 0
@@ -145,8 +152,9 @@ def train(
 
             epoch_end = step % steps_per_epoch == 0
             if epoch_end and monitor and _due(step, steps_per_epoch, settings.knn_every, last_step):
+                knn = monitor(method.encoder)  # its own time is training time too
                 log.write(
-                    {"step": step, "epoch": step / steps_per_epoch, **monitor(method.encoder)}
+                    {"step": step, "epoch": step / steps_per_epoch, **knn, "seconds": seconds()}
                 )
                 method.train()
             if epoch_end or time.perf_counter() - last_save > 60 * settings.checkpoint_minutes:
@@ -161,7 +169,8 @@ def train(
     save()
     bar.close()
     if monitor and not any("knn_top1" in r and r["step"] == step for r in run.metrics):
-        log.write({"step": step, "epoch": step / steps_per_epoch, **monitor(method.encoder)})
+        knn = monitor(method.encoder)
+        log.write({"step": step, "epoch": step / steps_per_epoch, **knn, "seconds": seconds()})
     log.write({"event": "end", "step": step})
     plot_curves(run.metrics, run.path / "curves.png", title=run.path.name)
     return run
