@@ -41,12 +41,13 @@ def _timed(fn, steps: int, warmup: int) -> float:  # noqa: ANN001
 
 
 def backbone_calls(method: torch.nn.Module, step: Callable[[], None]) -> list[tuple]:
-    """(input shape, gradient enabled) of every backbone call during one `step()`."""
+    """(module, input shape, gradient enabled) of every backbone call during one `step()`: calls
+    of any module of the backbone's class (target copies, CMC's second encoder)."""
     kind = type(method.backbone)
     calls: list[tuple] = []
 
     def record(module: torch.nn.Module, args: tuple) -> None:
-        calls.append((tuple(args[0].shape), torch.is_grad_enabled()))
+        calls.append((module, tuple(args[0].shape), torch.is_grad_enabled()))
 
     hooks = [m.register_forward_pre_hook(record) for m in method.modules() if type(m) is kind]
     try:
@@ -71,17 +72,17 @@ def measure(
 
     calls = backbone_calls(method, step)
     inputs = [
-        (torch.randn(shape, device=device).contiguous(memory_format=memory_format), grad)
-        for shape, grad in calls
+        (module, torch.randn(shape, device=device).contiguous(memory_format=memory_format), grad)
+        for module, shape, grad in calls
     ]
 
     def backbone_only() -> None:
-        for x, grad in inputs:
+        for module, x, grad in inputs:
             if grad:
-                method.backbone(x).sum().backward()
+                module(x).sum().backward()
             else:
                 with torch.no_grad():
-                    method.backbone(x)
+                    module(x)
         method.zero_grad(set_to_none=True)
 
     def augment_only() -> None:
@@ -93,8 +94,8 @@ def measure(
         return {"img_per_s": batch / step_time}
     backbone_time = _timed(backbone_only, steps, warmup)
     augment_time = _timed(augment_only, steps, warmup)
-    with_grad = sum(shape[0] for shape, grad in calls if grad)
-    without = sum(shape[0] for shape, grad in calls if not grad)
+    with_grad = sum(shape[0] for _, shape, grad in calls if grad)
+    without = sum(shape[0] for _, shape, grad in calls if not grad)
     return {
         "backbone_work": f"{with_grad} fb + {without} f",
         "img_per_s": batch / step_time,

@@ -11,12 +11,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def nt_xent(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
+def nt_xent(z1: Tensor, z2: Tensor, temperature: float, negatives: Tensor | None = None) -> Tensor:
     """SimCLR's NT-Xent (Chen et al. 2020, eq. 1) averaged over all 2N anchors.
 
     z1, z2 (N, D): embeddings of the two views; row i of z1 and row i of z2 are the positive pair,
     the other 2N - 2 embeddings are negatives. sim(u, v) = cosine similarity:
         l(i, j) = -log exp(sim(z_i, z_j)/τ) / Σ_{k≠i} exp(sim(z_i, z_k)/τ)
+    negatives (K, D), optional: SimCLR v2's memory (arXiv 2006.10029 §2, MoCo's buffered keys),
+    K more negatives n_1..n_K shared by every anchor, added to each denominator:
+        l(i, j) = -log exp(s_ij/τ) / (Σ_{k≠i} exp(s_ik/τ) + Σ_{m=1..K} exp(sim(z_i, n_m)/τ))
+    with s_ik = sim(z_i, z_k). None (or K = 0) is eq. 1 exactly.
     """
     z = F.normalize(torch.cat([z1, z2]), dim=1)  # (2N, D)
     n = z1.shape[0]
@@ -25,6 +29,9 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
     logits = logits.masked_fill(
         self_mask, float("-inf")
     )  # k ≠ i: an anchor is not its own negative
+    if negatives is not None:  # columns after the batch's: the positive's index is unchanged
+        memory = z @ F.normalize(negatives, dim=1).T / temperature  # (2N, K)
+        logits = torch.cat([logits, memory], dim=1)  # (2N, 2N + K)
     positive = torch.arange(2 * n, device=z.device).roll(n)  # i <-> i + N
     return F.cross_entropy(logits, positive)
 
@@ -54,3 +61,106 @@ def regression(prediction: Tensor, target: Tensor) -> Tensor:
 def negative_cosine(prediction: Tensor, target: Tensor) -> Tensor:
     """SimSiam's D(p, z) = -cos(p, z) (Chen & He 2021, eq. 1), batch mean. (N, D) each."""
     return -F.cosine_similarity(prediction, target, dim=1).mean()
+
+
+def info_nce_hybrid(
+    query: Tensor, key: Tensor, negatives: Tensor, query_negatives: Tensor, temperature: float
+) -> Tensor:
+    """InfoNCE with shared and per-query negatives: (1 + K + K_b)-way, positive at index 0.
+
+    MoCo's hybrid dictionary (seed 000 §3.1): query, key (N, D) unit vectors, key[i] is query[i]'s
+    positive; negatives (K, D) shared by all queries (the queue); query_negatives (N, K_b, D) the
+    negatives of query i alone (memory-bank rows b_i1..b_iK_b). With K_b = 0 this is `info_nce`.
+        L = -log exp(q·k+/τ) / (exp(q·k+/τ) + Σ_j exp(q·k_j/τ) + Σ_j exp(q·b_j/τ))
+    """
+    positive = (query * key).sum(dim=1, keepdim=True)  # (N, 1)
+    shared = query @ negatives.T  # (N, K)
+    own = torch.einsum("nd,nkd->nk", query, query_negatives)  # (N, K_b)
+    logits = torch.cat([positive, shared, own], dim=1) / temperature  # (N, 1 + K + K_b)
+    target = torch.zeros(query.shape[0], dtype=torch.long, device=query.device)
+    return F.cross_entropy(logits, target)
+
+
+def moco_v3_contrast(query: Tensor, keys: Tensor, temperature: float, offset: int = 0) -> Tensor:
+    """MoCo v3's ctr(q, k) (Chen, Xie & He 2021, Algorithm 1): in-batch InfoNCE, scaled by 2τ.
+
+    query (N, D): this process's queries; keys (M, D), M >= N: the keys of the whole (gathered)
+    batch. Query i's positive is keys[offset + i] (offset = rank·N), the other M − 1 keys are its
+    negatives. Both are L2-normalised here (cosine similarity):
+        ctr(q, k) = 2τ · mean_i −log exp(q_i·k_{offset+i}/τ) / Σ_j exp(q_i·k_j/τ)
+    The factor 2τ cancels the 1/τ of the gradient: ∂ctr/∂q_i = 2(Σ_j p_ij k_j − k_{offset+i})/N
+    for unit q_i (p_i the softmax over keys), so its scale does not depend on τ.
+    """
+    q, k = F.normalize(query, dim=1), F.normalize(keys, dim=1)
+    positives = torch.arange(q.shape[0], device=q.device) + offset
+    return in_batch_info_nce(q, k, positives, temperature) * (2 * temperature)
+
+
+def nce(
+    positive_logits: Tensor, noise_logits: Tensor, log_z: Tensor, noise_probability: float
+) -> Tensor:
+    """InstDisc's noise-contrastive estimation (Wu et al. 2018, §3.2, eq. 3-6), batch mean.
+
+    positive_logits (N,): v_i·f/τ of each sample f with its own memory entry v_i; noise_logits
+    (N, K): v_j·f/τ with K entries j drawn from the noise distribution P_n; log_z: log Z (0-d),
+    the normalising constant of P(i|v) = exp(v_i·f/τ) / Z; noise_probability: P_n(i) (1/n).
+        h(i, v) = P(i|v) / (P(i|v) + K·P_n(i))
+        J = -1/N Σ_b [log h(i_b, v_b) + Σ_{k=1..K} log(1 - h(j_bk, v_b))]
+    (eq. 6 with K·E_{P_n} estimated by the sum over the K drawn entries, and the batch mean of
+    the official NCECriterion). Written with log h = logsigmoid(log P - log K·P_n) and
+    log(1 - h) = logsigmoid(log K·P_n - log P), so no exp can overflow.
+    """
+    log_noise = positive_logits.new_tensor(noise_logits.shape[1] * noise_probability).log()
+    data = F.logsigmoid(positive_logits - log_z - log_noise)  # (N,)
+    noise = F.logsigmoid(log_noise - (noise_logits - log_z))  # (N, K)
+    return -(data.sum() + noise.sum()) / positive_logits.shape[0]
+
+
+def non_parametric_softmax(
+    features: Tensor, bank: Tensor, index: Tensor, temperature: float
+) -> Tensor:
+    """InstDisc's full non-parametric softmax (Wu et al. 2018, eq. 1-2), batch mean.
+
+    features (N, D): unit vectors f; bank (n, D): one unit vector v_j per training image;
+    index (N,): the row of each sample's own entry.
+        P(i|f) = exp(v_i·f/τ) / Σ_{j=1..n} exp(v_j·f/τ),  J = -1/N Σ_b log P(i_b|f_b)
+    """
+    return F.cross_entropy(features @ bank.T / temperature, index)
+
+
+def invariant_spreading(anchors: Tensor, keys: Tensor, temperature: float) -> Tensor:
+    """Invariant and spreading instance features (Ye et al. 2019, §3.2, eq. 4-6), as the
+    official BatchCriterion computes it: every one of the 2N views is an anchor, classified
+    among all other 2N - 1 views of the batch. Batch mean over the 2N anchors.
+
+    anchors, keys (2N, D): the same unit vectors (the method may detach `keys`); rows a and
+    a ± N are the two augmentations of one image (a⁺: a's partner).
+        P(b|a) = exp(x_a·x_b/τ) / Σ_{c≠a} exp(x_a·x_c/τ)
+        J = -1/(2N) Σ_a [log P(a⁺|a) + Σ_{b≠a,a⁺} log(1 - P(b|a))]
+    The paper's text classifies x̂_i among the N un-augmented f_k only and sums without the
+    1/(2N); the code's denominators run over both views, with the positive pair in them.
+    """
+    n2 = anchors.shape[0]
+    self_mask = torch.eye(n2, dtype=torch.bool, device=anchors.device)
+    logits = (anchors @ keys.T / temperature).masked_fill(self_mask, float("-inf"))
+    log_p = logits.log_softmax(dim=1)  # (2N, 2N); log P(b|a), -inf on the diagonal
+    partner = torch.arange(n2, device=anchors.device).roll(n2 // 2)  # a <-> a + N
+    positive = log_p.gather(1, partner[:, None]).squeeze(1)  # (2N,)
+    # log(1 - P) = log(-expm1(log P)); the cap keeps it finite when one P rounds to 1.
+    log_not = torch.log(-torch.expm1(log_p.clamp(max=-1e-7)))  # (2N, 2N)
+    negative_mask = ~(self_mask | F.one_hot(partner, n2).bool())
+    return -(positive.sum() + log_not[negative_mask].sum()) / n2
+
+
+def in_batch_info_nce(
+    query: Tensor, candidates: Tensor, positives: Tensor, temperature: float = 1.0
+) -> Tensor:
+    """InfoNCE where each query picks its positive among shared candidates, batch mean: CMC's
+    L_{V1,V2} with the batch as the k + 1 candidates (Tian et al. 2019, eq. 2), CPC's loss
+    (van den Oord et al. 2018, eq. 4, f = exp(zᵀ W_k c): raw dot products, τ = 1), MoCo v3's ctr.
+
+    query (M, D); candidates (P, D): every query's positive and negatives; positives (M,): the row
+    of candidates that is query m's positive (the other P − 1 rows are its negatives).
+        L = -1/M Σ_m log exp(q_m·c_{p_m}/τ) / Σ_l exp(q_m·c_l/τ)
+    """
+    return F.cross_entropy(query @ candidates.T / temperature, positives)  # logits (M, P)

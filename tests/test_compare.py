@@ -1,15 +1,18 @@
 """`selfsup compare`: same budget, same data and backbone, reused and resumed runs, one table."""
 
+import importlib
 import json
 from pathlib import Path
 
 import pytest
 import yaml
 
-import selfsup.compare as compare_module
 from selfsup.cli import main
 from selfsup.compare import compare
 from selfsup.run import Run
+
+# the module (selfsup.compare, the attribute, is the function)
+compare_module = importlib.import_module("selfsup.compare")
 
 
 @pytest.fixture

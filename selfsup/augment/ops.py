@@ -19,6 +19,19 @@ LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights of R, G, B in luma
 # RGB -> YIQ; its I and Q rows sum to zero, so grey (r = g = b) has I = Q = 0.
 YIQ = torch.tensor([LUMA, (0.596, -0.274, -0.322), (0.211, -0.523, 0.312)], dtype=torch.float64)
 YIQ, YIQ_INV = YIQ.float(), torch.linalg.inv(YIQ).float()  # float32: MPS has no float64
+# linear sRGB -> CIE XYZ under D65 (Lindbloom's sRGB matrix); its row sums are the D65 white
+# (0.95047, 1, 1.08883), so (1, 1, 1) maps to a = b = 0 exactly
+SRGB_TO_XYZ = torch.tensor(
+    [
+        [0.4124564, 0.3575761, 0.1804375],
+        [0.2126729, 0.7151522, 0.0721750],
+        [0.0193339, 0.1191920, 0.9503041],
+    ]
+)
+# Lab ranges over all sRGB colours (L 0..100, a -86.183..98.233, b -107.857..94.478) mapped to
+# [-1, 1]: mean and std of CMC's code (train_CMC.py, get_train_loader)
+LAB_MEAN = (50.0, (98.233 - 86.183) / 2, (94.478 - 107.857) / 2)
+LAB_STD = (50.0, (98.233 + 86.183) / 2, (94.478 + 107.857) / 2)
 
 
 def to_float(x: Tensor) -> Tensor:
@@ -291,6 +304,30 @@ def solarize(x: Tensor, apply: Tensor | None = None, threshold: float = 0.5) -> 
 def random_solarize(x: Tensor, p: float, generator: Generator) -> Tensor:
     """Solarize each sample with probability p (BYOL: p = 0.2 on the second view)."""
     return solarize(x, bernoulli(len(x), p, generator, x.device))
+
+
+def rgb_to_lab(x: Tensor) -> Tensor:
+    """sRGB x (N, 3, H, W) in [0, 1] -> CIE L*a*b* (D65): L in [0, 100], a and b about ±100.
+
+    sRGB gamma undone (IEC 61966-2-1), linear RGB -> XYZ, each axis divided by the white, then
+    L = 116 f(Y) - 16, a = 500 (f(X) - f(Y)), b = 200 (f(Y) - f(Z)) with f(t) = t^(1/3) above
+    (6/29)^3 and its tangent line t / (3 (6/29)^2) + 4/29 below (CIE 15). skimage's rgb2lab, which
+    CMC's code uses, computes the same up to the matrix's last digits.
+    """
+    n, c, height, width = x.shape
+    if c != 3:
+        raise ValueError(f"Lab needs 3-channel RGB images, got {c} channel(s)")
+    x = x.float()
+    linear = torch.where(x > 0.04045, ((x + 0.055) / 1.055) ** 2.4, x / 12.92)
+    matrix = SRGB_TO_XYZ.to(x.device)
+    xyz = (matrix @ linear.reshape(n, 3, -1)) / matrix.sum(1, keepdim=True)  # / white
+    delta = 6 / 29
+    f = torch.where(
+        xyz > delta**3, xyz.clamp(min=delta**3) ** (1 / 3), xyz / (3 * delta**2) + 4 / 29
+    )
+    fx, fy, fz = f.unbind(1)
+    lab = torch.stack([116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)], 1)
+    return lab.view(n, 3, height, width)
 
 
 def normalize(x: Tensor, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor) -> Tensor:

@@ -4,7 +4,9 @@ Each view runs, in the papers' order: random resized crop + horizontal flip, col
 (brightness, contrast, saturation, hue in this fixed order; torchvision shuffles it per image),
 random grayscale, Gaussian blur, solarisation; `MultiView` then normalises. MoCo v1 greys
 before jittering; since jitter's saturation and hue are no-ops on grey and brightness and
-contrast commute with luma, this order differs from it only through clamping.
+contrast commute with luma, this order differs from it only through clamping. With
+`color_space: lab` (CMC) the views are converted to CIE Lab before the normalisation, which then
+uses Lab's fixed ranges instead of the data's RGB statistics.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from selfsup.augment import ops
 from selfsup.registry import VIEWS
 
 PROBABILITIES = ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p")
+COLOR_SPACES = ("rgb", "lab")  # rgb: the data's own channels (grey stays grey)
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,9 @@ class MultiView:
     """Large (global) and small (multi-crop) views of a uint8 batch, normalised.
 
     `mean`/`std` are per channel (set by the engine from the data, 0.5/0.5 before).
+    `color_space` "lab" converts training views and evaluation images to CIE Lab and normalises
+    them with Lab's fixed ranges (ops.LAB_MEAN / LAB_STD, as CMC's code); `mean`/`std` are then
+    unused. Lab needs colour images: 1-channel data raises a ValueError.
     """
 
     large: list[ViewSpec]
@@ -98,6 +104,14 @@ class MultiView:
     name: str = ""
     mean: list[float] = field(default_factory=lambda: [0.5])
     std: list[float] = field(default_factory=lambda: [0.5])
+    color_space: str = "rgb"
+
+    def __post_init__(self) -> None:
+        if self.color_space not in COLOR_SPACES:
+            raise ValueError(
+                f"views.color_space must be one of {', '.join(COLOR_SPACES)}, "
+                f"not '{self.color_space}'"
+            )
 
     @property
     def size(self) -> int | None:
@@ -122,18 +136,28 @@ class MultiView:
         return self._finish(ops.resize(x, self.size or x.shape[-1]))
 
     def _finish(self, y: Tensor) -> Tensor:
+        if self.color_space == "lab":
+            if y.shape[1] != 3:
+                raise ValueError(
+                    f"views.color_space=lab needs colour (3-channel) images, these have "
+                    f"{y.shape[1]}; use color_space=rgb for grayscale data"
+                )
+            return ops.normalize(ops.rgb_to_lab(y), ops.LAB_MEAN, ops.LAB_STD)
         if len(self.mean) not in (1, y.shape[1]):
             raise ValueError(f"set_stats gave {len(self.mean)} channels, images have {y.shape[1]}")
         return ops.normalize(y, self.mean, self.std)
 
     @property
     def spec(self) -> dict:
-        """Plain data for logs: name, the ViewSpec fields of each view, mean, std."""
+        """Plain data for logs: name, the ViewSpec fields of each view, mean, std, colour space."""
         views = {"large": [asdict(v) for v in self.large], "small": [asdict(v) for v in self.small]}
-        return {"name": self.name, **views, "mean": self.mean, "std": self.std}
+        return {"name": self.name, **views, "mean": self.mean, "std": self.std,
+                "color_space": self.color_space}  # fmt: skip
 
     def describe(self) -> str:
         lines = [f"views {self.name}: {len(self.large)} large + {len(self.small)} small"]
+        if self.color_space != "rgb":
+            lines[0] += f", in {self.color_space}"
         lines += [f"  large {i}: {v.describe()}" for i, v in enumerate(self.large)]
         lines += [f"  small {i}: {v.describe()}" for i, v in enumerate(self.small)]
         return "\n".join(lines)
@@ -290,6 +314,31 @@ def crop_flip(
     ImageNet training augmentation; SimCLR fine-tunes with it, App. B.5)."""
     spec = ViewSpec(size=size, scale=tuple(scale), flip_p=flip_p, jitter_p=0.0, grayscale_p=0.0)
     return MultiView([spec] * num_views, name="crop_flip")
+
+
+@VIEWS.register("cmc")
+def cmc(
+    size: int | None = 224,
+    scale: Sequence[float] = (0.2, 1.0),
+    flip_p: float = 0.5,
+    jitter: Sequence[float] = (0.4, 0.4, 0.0, 0.0),
+    jitter_p: float = 0.0,
+    num_views: int = 1,
+    color_space: str = "lab",
+) -> MultiView:
+    """CMC (Tian et al. 2019; train_CMC.py): RandomResizedCrop (area 0.2..1, the code's
+    --crop_low; its ResNets on ImageNet use 0.08) + flip, then Lab; no colour jitter.
+
+    One crop: the method splits its channels into the L and ab views. Grayscale data has no ab:
+    num_views=2, color_space=rgb gives two independent crops (one per encoder), and jitter_p > 0
+    adds brightness/contrast jitter (saturation and hue do nothing on grey) so that two crops
+    cannot be matched by their intensity histogram alone.
+    """
+    spec = ViewSpec(
+        size=size, scale=tuple(scale), flip_p=flip_p, jitter=tuple(jitter), jitter_p=jitter_p,
+        grayscale_p=0.0,
+    )  # fmt: skip
+    return MultiView([spec] * num_views, name="cmc", color_space=color_space)
 
 
 @VIEWS.register("none")

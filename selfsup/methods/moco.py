@@ -1,11 +1,18 @@
 """MoCo v1/v2: momentum contrast (He et al. 2019, arXiv 1911.05722; Chen et al. 2020, arXiv
-2003.04297).
+2003.04297), optionally with a hybrid dictionary.
 
 A query must pick its positive key out of a FIFO queue of keys from earlier batches (InfoNCE,
 (1 + K)-way); keys come from a slowly moving EMA copy of the query encoder, so the queue stays
 consistent while its size is decoupled from the batch size. Unlike SimCLR (simclr.py), negatives
 are not the other views of the batch and the key branch gets no gradient. v1 and v2 are one class:
 v2 adds an MLP head (mlp_hidden), blur in the views, τ = 0.2 and a cosine schedule (recipes).
+
+Hybrid dictionary (seed 000 §3.1: "queue combined with a memory bank that stores the features of
+selected key samples, keeping the dictionary large and making it more relevant"): with
+bank_negatives > 0 a memory bank also holds the latest momentum key of every training image, and
+each query gets bank_negatives extra negatives from it: (1 + K + K_b)-way InfoNCE. The seed names
+no selection rule; "selected, relevant" samples are read as the entries most similar to the query
+(bank_selection "hardest"), with InstDisc's uniform draw ("uniform") as the plain alternative.
 """
 
 from __future__ import annotations
@@ -16,18 +23,20 @@ from torch import Tensor, nn
 
 from selfsup.dist import gather_nograd, shuffled
 from selfsup.heads import mlp
-from selfsup.losses import info_nce
+from selfsup.losses import info_nce, info_nce_hybrid
 from selfsup.methods.base import Method
-from selfsup.negatives import Queue
+from selfsup.negatives import MemoryBank, Queue
 from selfsup.params import require_positive
 from selfsup.registry import METHODS
 from selfsup.step import Progress, Views
 from selfsup.target import EMA
 
+BANK_SELECTIONS = ("hardest", "uniform")
+
 
 @METHODS.register("moco")
 class MoCo(Method):
-    """MoCo v1/v2: query vs momentum-encoded key among a queue of negatives (InfoNCE)."""
+    """MoCo v1/v2: query vs momentum-encoded key among a queue (+ bank: hybrid) of negatives."""
 
     def __init__(
         self,
@@ -40,8 +49,16 @@ class MoCo(Method):
         temperature: float = 0.07,  # τ; v2 uses 0.2
         shuffle_bn_groups: int = 8,  # BN groups of the key batch: MoCo's 8 GPUs (§3.3); 1: off
         symmetric: bool = False,  # both views as query and key (MoCo's CIFAR demo), 2 keys/sample
+        bank_negatives: int = 0,  # K_b per query from the hybrid dictionary's bank; 0: plain MoCo
+        bank_selection: str = "hardest",  # the seed's "selected samples": most similar to q
+        # 0: a bank entry is the image's latest key. Keys already come from the momentum encoder,
+        # which replaces the memory bank's per-sample momentum (MoCo §3.2); InstDisc's 0.5 would
+        # average keys of encoders an epoch apart, the staleness the seed wants to reduce.
+        bank_momentum: float = 0.0,
+        num_samples: int | None = None,  # supplied by the engine: one bank slot per image
     ) -> None:
         require_positive(dim=dim, queue_size=queue_size, temperature=temperature)
+        _check_bank(bank_negatives, bank_selection, bank_momentum, num_samples)
         super().__init__(backbone)
         width = backbone.num_features
         # v2's head is fc-ReLU-fc without BN, as in MoCo v2's code.
@@ -50,8 +67,11 @@ class MoCo(Method):
         )
         self.target = EMA(self.backbone, self.projector)  # the key encoder
         self.queue = Queue(queue_size, dim)
+        # Off: no bank at all, so the state dict (and old checkpoints) stay plain MoCo's.
+        self.bank = MemoryBank(num_samples, dim, bank_momentum) if bank_negatives else None
         self.momentum, self.temperature = momentum, temperature
         self.shuffle_bn_groups, self.symmetric = shuffle_bn_groups, symmetric
+        self.bank_negatives, self.bank_selection = bank_negatives, bank_selection
 
     def forward(self, views: Views, progress: Progress) -> dict[str, Tensor]:
         x1, x2 = views.large[:2]
@@ -62,18 +82,63 @@ class MoCo(Method):
             with torch.no_grad():  # keys carry no gradient (§3.2)
                 k = shuffled(self.target, x_key, self.shuffle_bn_groups)
                 k = F.normalize(k, dim=1)  # (N, dim)
-            loss = loss + info_nce(q, k, self.queue.keys, self.temperature)  # logits (N, 1 + K)
+            if self.bank is None:
+                loss = loss + info_nce(q, k, self.queue.keys, self.temperature)  # (N, 1 + K)
+            else:
+                bank_keys = self.bank[self._bank_rows(q.detach(), views.index)]  # (N, K_b, dim)
+                loss = loss + info_nce_hybrid(q, k, self.queue.keys, bank_keys, self.temperature)
             keys.append(k)
             positive_similarity = positive_similarity + (q.detach() * k).sum(dim=1).mean()
         with torch.no_grad():
             z_std = q.detach().std(dim=0).mean()  # ≈ 1/sqrt(dim) when spread, 0 on collapse
-        return {
+        out = {
             "loss": loss,
             "pos_sim": positive_similarity / len(pairs),
             "z_std": z_std,
             "keys": torch.cat(keys),  # enqueued after the step (Algorithm 1)
         }
+        if self.bank is not None:
+            out["index"] = views.index  # the bank rows the first pair's keys replace
+        return out
+
+    @torch.no_grad()
+    def _bank_rows(self, q: Tensor, index: Tensor) -> Tensor:
+        """(N, K_b) bank rows that are query i's extra negatives, never row index[i]: that is an
+        older key of q's own image, a positive (and, under "hardest", almost always the top)."""
+        index = index.to(q.device)[:, None]  # (N, 1)
+        if self.bank_selection == "hardest":
+            similarity = q @ self.bank.features.T.to(q.dtype)  # (N, num_samples)
+            similarity.scatter_(1, index, float("-inf"))
+            return similarity.topk(self.bank_negatives, dim=1).indices
+        # uniform over the other num_samples - 1 rows: draw from one fewer and skip the own row
+        drawn = torch.randint(len(self.bank) - 1, (len(q), self.bank_negatives), device=q.device)
+        return drawn + (drawn >= index).long()
 
     def after_step(self, progress: Progress, out: dict[str, Tensor]) -> None:
         self.queue.push(gather_nograd(out["keys"]))  # what all processes produced
+        if self.bank is not None:  # one key per image: the first pair's (symmetric: of view 2)
+            index = out["index"].to(out["keys"].device)
+            self.bank.update(gather_nograd(index), gather_nograd(out["keys"][: len(index)]))
         self.target.update(self.momentum)  # θ_k ← m·θ_k + (1 − m)·θ_q (eq. 2)
+
+
+def _check_bank(negatives: int, selection: str, momentum: float, num_samples: int | None) -> None:
+    if negatives < 0:
+        raise ValueError(f"'method.bank_negatives' must be >= 0 (0: no bank), got {negatives}")
+    if selection not in BANK_SELECTIONS:
+        raise ValueError(
+            f"'method.bank_selection' must be one of {', '.join(BANK_SELECTIONS)}, got "
+            f"{selection!r}"
+        )
+    if not 0 <= momentum < 1:
+        raise ValueError(f"'method.bank_momentum' must be in [0, 1), got {momentum}")
+    if negatives and num_samples is None:
+        raise ValueError(
+            "'method.bank_negatives' needs a memory bank of one key per training image, but "
+            "num_samples is unknown; the engine supplies it (outside it, pass num_samples=)"
+        )
+    if negatives and negatives > num_samples - 1:
+        raise ValueError(
+            f"'method.bank_negatives' is {negatives}, but the bank holds only {num_samples - 1} "
+            f"other images; set it to at most {num_samples - 1}"
+        )

@@ -17,8 +17,8 @@ from throughput import backbone_calls  # noqa: E402
 
 def _work(method, views, progress):
     calls = backbone_calls(method, lambda: method(Views(views), progress)["loss"].backward())
-    with_grad = sum(shape[0] for shape, grad in calls if grad)
-    without = sum(shape[0] for shape, grad in calls if not grad)
+    with_grad = sum(shape[0] for _, shape, grad in calls if grad)
+    without = sum(shape[0] for _, shape, grad in calls if not grad)
     return with_grad, without
 
 
@@ -45,7 +45,7 @@ def test_backbone_work_sees_moco_key_batch_split_into_its_bn_groups(
 ):
     method = MoCo(tiny_backbone, dim=4, queue_size=16, shuffle_bn_groups=3)
     calls = backbone_calls(method, lambda: method(Views(two_views), progress)["loss"].backward())
-    assert [(shape[0], grad) for shape, grad in calls] == [
+    assert [(shape[0], grad) for _, shape, grad in calls] == [
         (6, True),
         (2, False),
         (2, False),
