@@ -64,19 +64,19 @@ def negative_cosine(prediction: Tensor, target: Tensor) -> Tensor:
 
 
 def info_nce_hybrid(
-    query: Tensor, key: Tensor, negatives: Tensor, query_negatives: Tensor, temperature: float
+    query: Tensor, key: Tensor, negatives: Tensor, own_similarity: Tensor, temperature: float
 ) -> Tensor:
     """InfoNCE with shared and per-query negatives: (1 + K + K_b)-way, positive at index 0.
 
-    MoCo's hybrid dictionary (seed 000 §3.1): query, key (N, D) unit vectors, key[i] is query[i]'s
-    positive; negatives (K, D) shared by all queries (the queue); query_negatives (N, K_b, D) the
-    negatives of query i alone (memory-bank rows b_i1..b_iK_b). With K_b = 0 this is `info_nce`.
+    MoCo's hybrid dictionary (seed 000 §3.1), CMC's memory-bank loss: query, key (N, D) unit
+    vectors, key[i] is query[i]'s positive; negatives (K, D) shared by all queries (the queue,
+    K may be 0); own_similarity (N, K_b): q_i·b_ij with the negatives of query i alone
+    (memory-bank rows, `MemoryBank.similarity`). With K_b = 0 this is `info_nce`.
         L = -log exp(q·k+/τ) / (exp(q·k+/τ) + Σ_j exp(q·k_j/τ) + Σ_j exp(q·b_j/τ))
     """
     positive = (query * key).sum(dim=1, keepdim=True)  # (N, 1)
     shared = query @ negatives.T  # (N, K)
-    own = torch.einsum("nd,nkd->nk", query, query_negatives)  # (N, K_b)
-    logits = torch.cat([positive, shared, own], dim=1) / temperature  # (N, 1 + K + K_b)
+    logits = torch.cat([positive, shared, own_similarity], dim=1) / temperature  # (N, 1 + K + K_b)
     target = torch.zeros(query.shape[0], dtype=torch.long, device=query.device)
     return F.cross_entropy(logits, target)
 

@@ -74,6 +74,19 @@ class MemoryBank(nn.Module):
         """Indices drawn uniformly with replacement (InstDisc's noise distribution P_n = 1/n)."""
         return torch.randint(len(self), shape, generator=generator, device=self.features.device)
 
+    def similarity(self, query: Tensor, rows: Tensor) -> Tensor:
+        """query_i · v_j for the bank rows j = rows[i, :]: (N, D), (N, K) -> (N, K).
+
+        Gradient reaches `query`, never the bank. Gathering the N·K rows moves N·K·D numbers;
+        when the bank has fewer rows than K·D (Fashion-MNIST's 60k against K·D = 4096·128) the
+        full product query @ bankᵀ, (N, n), is cheaper, and that is what is computed then.
+        """
+        bank = self.features.to(query.dtype)
+        rows = rows.to(bank.device)
+        if len(self) <= rows.shape[1] * bank.shape[1]:
+            return (query @ bank.T).gather(1, rows)
+        return torch.einsum("nd,nkd->nk", query, bank[rows])
+
     @torch.no_grad()
     def update(self, index: Tensor, features: Tensor) -> None:
         """v ← normalise(m·v + (1 − m)·f) for the rows `index` (n,) with new features (n, dim)."""

@@ -66,3 +66,17 @@ def test_bank_resumes_exactly_from_its_state_dict():
 def test_bad_sizes_and_momentum_are_refused(size, dim, momentum):
     with pytest.raises(ValueError, match="memory bank"):
         MemoryBank(size, dim, momentum)
+
+
+@pytest.mark.parametrize("size", [6, 400])  # full product (n <= K·D) and row gather (n > K·D)
+def test_similarity_is_the_dot_product_with_each_querys_rows_and_trains_only_the_query(size):
+    torch.manual_seed(0)
+    bank = MemoryBank(size, 4)
+    query = torch.randn(3, 4, requires_grad=True)
+    rows = torch.randint(size, (3, 5))
+    similarity = bank.similarity(query, rows)
+    q = query.detach()
+    by_hand = [[float(q[i] @ bank.features[rows[i, j]]) for j in range(5)] for i in range(3)]
+    torch.testing.assert_close(similarity, torch.tensor(by_hand))
+    similarity.sum().backward()
+    assert query.grad is not None and not bank.features.requires_grad

@@ -148,10 +148,15 @@ class CMC(Method):
         softmax cross-entropy over the K + 1 (the code's NCESoftmaxLoss)."""
         noise = self.banks[0].sample((len(z[0]), self.num_negatives))  # (N, K): shared, as the code
         positives = [bank[index] for bank in self.banks]  # (N, dim) each
-        sampled = [bank[noise] for bank in self.banks]  # (N, K, dim) each
         no_shared = z[0].new_zeros(0, z[0].shape[1])  # CMC has no negatives shared by all
         return sum(
-            info_nce_hybrid(z[q], positives[k], no_shared, sampled[k], self.temperature)
+            info_nce_hybrid(
+                z[q],
+                positives[k],
+                no_shared,
+                self.banks[k].similarity(z[q], noise),
+                self.temperature,
+            )
             for i, j in self.pairs
             for q, k in ((i, j), (j, i))  # view q's embedding against view k's bank
         )

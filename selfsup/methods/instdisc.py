@@ -67,9 +67,9 @@ class InstDisc(Method):
         if self.loss == "softmax":
             loss = non_parametric_softmax(f.float(), self.bank.features, index, self.temperature)
         else:
-            noise = self.bank[self.bank.sample((len(f), self.num_noise))]  # (N, K, dim), P_n = 1/n
+            noise = self.bank.sample((len(f), self.num_noise))  # (N, K) rows, P_n = 1/n
             positive_logits = (f.float() * own).sum(dim=1) / self.temperature  # (N,)
-            noise_logits = torch.einsum("nd,nkd->nk", f.float(), noise) / self.temperature
+            noise_logits = self.bank.similarity(f.float(), noise) / self.temperature  # (N, K)
             with torch.no_grad():  # Z ≈ n·mean exp(v·f/τ) over the batch's 1 + K entries (§3.2)
                 logits = torch.cat([positive_logits[:, None], noise_logits], dim=1).flatten()
                 log_mean = logits.logsumexp(dim=0) - math.log(logits.numel())

@@ -85,8 +85,9 @@ class MoCo(Method):
             if self.bank is None:
                 loss = loss + info_nce(q, k, self.queue.keys, self.temperature)  # (N, 1 + K)
             else:
-                bank_keys = self.bank[self._bank_rows(q.detach(), views.index)]  # (N, K_b, dim)
-                loss = loss + info_nce_hybrid(q, k, self.queue.keys, bank_keys, self.temperature)
+                rows = self._bank_rows(q.detach(), views.index)  # (N, K_b)
+                own = self.bank.similarity(q, rows)  # (N, K_b): q·b for its own bank negatives
+                loss = loss + info_nce_hybrid(q, k, self.queue.keys, own, self.temperature)
             keys.append(k)
             positive_similarity = positive_similarity + (q.detach() * k).sum(dim=1).mean()
         with torch.no_grad():
