@@ -27,12 +27,14 @@ BACKBONES = {
 INFO = {"channels": 1, "image_size": 16, "mean": [0.5], "std": [0.25], "num_classes": 10,
         "classes": [str(i) for i in range(10)], "train_size": 40}  # fmt: skip
 SOURCE_METHODS = {"pretrained": "simclr", "teacher": "supervised"}  # what those runs trained
+# Settings a method needs on these 16-px images (its defaults are its paper's, for 224 px)
+SMALL_IMAGE_SETTINGS = {"cpc": {"patch_size": 8, "patch_stride": 4}}  # a 3x3 patch grid
 BN_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def _config(method, backbone, tmp_path):
     raw = {
-        "method": {"name": method},
+        "method": {"name": method, **SMALL_IMAGE_SETTINGS.get(method, {})},
         "backbone": BACKBONES[backbone],
         "data": {"name": "synthetic", "per_class": 4, "size": 16},
         # two 16-px global crops and two 8-px local crops: every method finds its views

@@ -307,3 +307,15 @@ resnet50 = _register(
     [3, 4, 6, 3],
     "ResNet-50: Bottlenecks [3, 4, 6, 3], 2048*width features.",
 )
+resnet101 = _register(
+    "resnet101",
+    Bottleneck,
+    [3, 4, 23, 3],
+    "ResNet-101: Bottlenecks [3, 4, 23, 3], 2048*width features.",
+)
+resnet152 = _register(  # SimCLR v2's biggest encoder: ResNet-152, width 3, SK (Table 1)
+    "resnet152",
+    Bottleneck,
+    [3, 8, 36, 3],
+    "ResNet-152: Bottlenecks [3, 8, 36, 3], 2048*width features.",
+)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from selfsup.backbones import layer_norm_for_batch_norm
 from selfsup.dist import gather, rank
 from selfsup.losses import in_batch_info_nce
 from selfsup.methods.base import Method
@@ -82,13 +83,15 @@ class CPC(Method):
         backbone: nn.Module,
         *,
         make_backbone: Callable[..., nn.Module] | None = None,  # engine-supplied
-        # Paper: 64-px patches, stride 32 (a 7x7 grid of 256-px images, v1 §3.3; the recipes). The
-        # defaults are the smallest grid of 16-px images a patch-8 ViT can encode (3x3).
-        patch_size: int = 8,
-        patch_stride: int = 4,
+        # 64-px patches, stride 32: a 7x7 grid of 256-px images (v1 §3.3); 28-px data: 8 / 4
+        patch_size: int = 64,
+        patch_stride: int = 32,
         prediction_steps: int = 5,  # offsets k = 2..6: "up to five rows" of the 7x7 grid (v1 §3.3)
         context_blocks: int = 4,  # not given in the papers; Greedy InfoMax's PixelCNN has 4 layers
         context_hidden: int | None = None,  # None: num_features / 4, a ResNet bottleneck's ratio
+        # v2 §4.1: batch norm lets the encoder pass information between the patches of a batch
+        # past the context's mask; v2 replaces it by layer norm (a ViT has no batch norm)
+        layer_norm: bool = True,
     ) -> None:
         require_positive(
             patch_size=patch_size, patch_stride=patch_stride, prediction_steps=prediction_steps
@@ -96,6 +99,8 @@ class CPC(Method):
         if context_hidden is not None:
             require_positive(context_hidden=context_hidden)
         patch_encoder = make_backbone(image_size=patch_size) if make_backbone else backbone
+        if layer_norm:
+            layer_norm_for_batch_norm(patch_encoder)
         super().__init__(patch_encoder)  # the backbone is the patch encoder
         self.patch_size, self.patch_stride = patch_size, patch_stride
         dim = patch_encoder.num_features

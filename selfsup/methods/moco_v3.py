@@ -53,9 +53,8 @@ class MoCoV3(Method):
         self.projector = mlp(
             backbone.num_features, hidden, dim, layers=projector_layers, last_norm="bn_noaffine"
         )
-        self.predictor = mlp(
-            dim, hidden, dim, last_norm="bn_noaffine" if predictor_last_bn else None
-        )
+        last_norm = "bn_noaffine" if predictor_last_bn else None  # ResNet: a Linear, no bias
+        self.predictor = mlp(dim, hidden, dim, last_norm=last_norm, last_bias=False)
         self.target = EMA(self.backbone, self.projector)  # the momentum encoder: no predictor (§3)
         self.momentum, self.final_momentum = momentum, final_momentum
         self.temperature = temperature

@@ -28,7 +28,7 @@ def test_patch_grid_cuts_the_patches_at_multiples_of_the_stride(image, size, str
 
 
 def test_context_never_sees_the_rows_it_predicts(tiny_backbone):
-    method = CPC(tiny_backbone, context_blocks=3)
+    method = CPC(tiny_backbone, patch_size=8, patch_stride=4, context_blocks=3)
     z = torch.randn(2, 8, 6, 5, requires_grad=True)  # (N, D, rows, cols)
     c = method.context(z)
     for i in range(6):
@@ -106,7 +106,7 @@ def test_offsets_beyond_the_grid_are_skipped_and_a_grid_without_any_is_an_error(
     with pytest.raises(ValueError, match="method.patch_size"):
         CPC(tiny_backbone, patch_size=8, patch_stride=8)(Views([_images(2, 16)]), progress)
     with pytest.raises(ValueError, match="method.patch_size"):
-        CPC(tiny_backbone, patch_size=32)(Views([_images(2, 16)]), progress)
+        CPC(tiny_backbone, patch_size=32, patch_stride=4)(Views([_images(2, 16)]), progress)
 
 
 def test_encoder_is_the_mean_patch_vector_of_the_grid(tiny_backbone):
@@ -141,6 +141,24 @@ def test_cpc_runs_on_resnet_and_vit_patch_encoders_built_at_the_patch_size(name,
     assert torch.isfinite(out["loss"]) and "z_std" in out
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in method.backbone.parameters())
     assert method.encoder(_images(2, 16)).shape == (2, method.backbone.num_features)
+
+
+@pytest.mark.parametrize(("layer_norm", "independent"), [(True, True), (False, False)])
+def test_layer_norm_keeps_each_patch_vector_independent_of_the_other_patches(
+    layer_norm, independent
+):
+    """v2 §4.1: with batch norm, a patch's vector depends on the other patches of the batch (the
+    leak past the context's mask); with layer norm it depends on its own pixels only."""
+    torch.manual_seed(0)
+    resnet = BACKBONES.build(REAL["resnet18"], in_channels=1, image_size=8)
+    method = CPC(resnet, patch_size=8, patch_stride=4, layer_norm=layer_norm).train()
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in method.modules()) != layer_norm
+    patches = torch.randn(6, 1, 8, 8)
+    changed = patches.clone()
+    changed[1:] = torch.randn(5, 1, 8, 8)  # every other patch of the batch
+    with torch.no_grad():
+        first, again = method.backbone(patches)[0], method.backbone(changed)[0]
+    assert torch.allclose(first, again, atol=1e-6) == independent
 
 
 def test_cpc_training_lowers_the_loss_and_learns_features_above_chance(tiny_config):

@@ -156,6 +156,8 @@ def test_heads_match_the_official_code_for_vit_and_resnet(tiny_backbone):
         ("Linear", 32, None), ("BatchNorm1d", None, True), ("ReLU", None, None),
         ("Linear", 8, None),
     ]  # fmt: skip
+    heads = [*resnet.projector, *resnet.predictor]
+    assert all(m.bias is None for m in heads if isinstance(m, nn.Linear))  # none, as the code
 
 
 def _vit(**options):
