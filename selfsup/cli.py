@@ -8,6 +8,7 @@ import time
 from collections.abc import Sequence
 
 from selfsup.config import load_config, recipe_names, recipe_summary
+from selfsup.engine.collapse import CollapseError
 from selfsup.engine.log import format_duration
 from selfsup.registry import METHODS
 
@@ -23,7 +24,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
+    except (
+        ValueError,
+        FileNotFoundError,
+        FileExistsError,
+        FloatingPointError,
+        CollapseError,
+    ) as error:
         print(f"selfsup: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

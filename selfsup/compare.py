@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from selfsup.config import Config, load_config
+from selfsup.engine.collapse import CollapseError
 from selfsup.engine.log import format_duration
 from selfsup.engine.train import train
 from selfsup.eval.protocols import evaluate, pixel_baselines
@@ -98,14 +99,26 @@ def _run(config: Config, recipe: str, seed: int, minutes: float, out: Path) -> d
     name = f"{slug}-seed{seed}"
     path = out / name
     wanted = config.replace([f"train.seed={seed}", f"train.budget_minutes={minutes}"])
-    if (path / "config.yaml").is_file():
-        run = Run(path)
-        _check_reusable(run, wanted, minutes)
-        if not _finished(run):
-            print(f"  resuming {path}", file=sys.stderr)
-            run = train(resume=path)
-    else:
-        run = train(wanted.replace([f"train.out_dir={out}", f"train.name={name}"]))
+    try:
+        if (path / "config.yaml").is_file():
+            run = Run(path)
+            _check_reusable(run, wanted, minutes)
+            if not _finished(run) and not _collapse(run):
+                print(f"  resuming {path}", file=sys.stderr)
+                run = train(resume=path)
+        else:
+            run = train(wanted.replace([f"train.out_dir={out}", f"train.name={name}"]))
+    except CollapseError:
+        run = Run(path)  # its metrics end with the "collapse" event
+    collapse = _collapse(run)
+    if collapse is not None:
+        print(f"  collapsed: {collapse['message']}", file=sys.stderr)
+        return {
+            "recipe": recipe, "seed": seed, "run": str(run.path),
+            "epochs": run.config.train.epochs, "train_seconds": collapse["seconds"],
+            "img_per_s": float("nan"), "knn_curve": [], "collapsed_at_step": collapse["step"],
+            **{key: float("nan") for key in ACCURACIES},
+        }  # fmt: skip
     results_path = run.path / "eval.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     if not set(ACCURACIES) <= set(results):
@@ -143,6 +156,11 @@ def _finished(run: Run) -> bool:
     return any(r.get("event") == "end" for r in run.metrics)
 
 
+def _collapse(run: Run) -> dict[str, Any] | None:
+    """The "collapse" record of a run the collapse guard stopped, else None."""
+    return next((r for r in run.metrics if r.get("event") == "collapse"), None)
+
+
 def _pixels(config: Config, out: Path) -> dict[str, float]:
     """Raw-pixel kNN and linear probe on the compared data, computed once per data set."""
     key = json.dumps(config.data, sort_keys=True)
@@ -160,10 +178,15 @@ def _pixels(config: Config, out: Path) -> dict[str, float]:
 
 def _summary(recipe: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean and (over several seeds) sample standard deviation of each number of a recipe."""
-    row: dict[str, Any] = {"recipe": recipe, "seeds": len(runs)}
+    healthy = [r for r in runs if "collapsed_at_step" not in r]
+    row: dict[str, Any] = {
+        "recipe": recipe,
+        "seeds": len(runs),
+        "collapsed": len(runs) - len(healthy),
+    }
     for key in ("img_per_s", "epochs", "train_seconds", *ACCURACIES):
-        values = [r[key] for r in runs]
-        row[key] = statistics.fmean(values)
+        values = [r[key] for r in healthy]  # a collapsed run counts as collapsed, not as a number
+        row[key] = statistics.fmean(values) if values else float("nan")
         row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else None
     return row
 
@@ -181,6 +204,9 @@ def markdown(table: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for row in table["rows"]:
+        if row.get("collapsed", 0) == row["seeds"]:
+            lines.append(f"| {row['recipe']} | – | – | – | collapsed | collapsed |")
+            continue
         lines.append(
             f"| {row['recipe']} | {row['img_per_s']:.0f} | {row['epochs']:.2f} | "
             f"{format_duration(row['train_seconds'])} | {_number(row, 'knn_top1')} | "
@@ -194,8 +220,10 @@ def markdown(table: dict[str, Any]) -> str:
 
 
 def _number(row: dict[str, Any], key: str) -> str:
+    collapsed = row.get("collapsed", 0)
     std = row.get(f"{key}_std")
-    return f"{row[key]:.2f}" + (f" ± {std:.2f}" if std is not None else "")
+    text = f"{row[key]:.2f}" + (f" ± {std:.2f}" if std is not None else "")
+    return text + (f" ({collapsed} of {row['seeds']} seeds collapsed)" if collapsed else "")
 
 
 def _chart(runs: list[dict[str, Any]], path: Path, minutes: float) -> None:

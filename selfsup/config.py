@@ -68,6 +68,8 @@ class TrainConfig:
     out_dir: str = "runs"
     name: str | None = None  # run folder name; None: <method>-<dataset>-<time>
     progress: bool = True  # progress bar on stderr
+    # log embed_std / embed_rank and stop a run whose representation collapsed (engine/collapse.py)
+    collapse_guard: bool = True
 
 
 @dataclass(frozen=True)

@@ -28,3 +28,20 @@ def tiny_config(tmp_path):
         },
         "eval": {"monitor_train": 200, "monitor_test": 100, "knn_k": 20, "linear_epochs": 20},
     }
+
+
+class Constant(torch.nn.Module):
+    """An encoder that maps every image to the same vector: a collapsed representation."""
+
+    num_features = 8
+
+    def forward(self, x):
+        return torch.ones(x.shape[0], self.num_features, device=x.device)
+
+
+@pytest.fixture
+def collapsed_simclr(monkeypatch):
+    """SimCLR whose encoder (what the collapse guard watches) has collapsed."""
+    from selfsup.methods.simclr import SimCLR
+
+    monkeypatch.setattr(SimCLR, "encoder", property(lambda self: Constant()))

@@ -106,3 +106,18 @@ def test_the_command_prints_the_table(recipes, tmp_path, capsys):
     assert main(["compare", recipes[0], "--minutes", "0.05", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "| recipe | img/s | epochs |" in printed and str(out / "compare.md") in printed
+
+
+def test_a_collapsed_run_is_reported_as_collapsed_and_not_resumed(
+    recipes, tmp_path, monkeypatch, collapsed_simclr
+):
+    out = tmp_path / "compare"
+    monkeypatch.setattr(importlib.import_module("selfsup.engine.collapse"), "PATIENCE", 1)
+    table = compare(recipes, minutes=0.05, out=out)  # the guard stops SimCLR's run
+    simclr, byol = table["rows"]
+    assert simclr["collapsed"] == 1 and byol["collapsed"] == 0
+    assert "collapsed_at_step" in table["runs"][0] and byol["knn_top1"] >= 0
+    text = (out / "compare.md").read_text()
+    assert f"| {recipes[0]} | – | – | – | collapsed | collapsed |" in text
+    monkeypatch.setattr(compare_module, "train", lambda *a, **k: pytest.fail("retrained"))
+    assert compare(recipes, minutes=0.05, out=out)["rows"][0]["collapsed"] == 1

@@ -14,8 +14,9 @@ FLOORS = [
      "selfsup.files"],
     # parts: data, views, backbones, heads, losses, target branches, negatives, pure evaluations
     ["selfsup.data", "selfsup.augment", "selfsup.backbones", "selfsup.heads", "selfsup.losses",
-     "selfsup.target", "selfsup.negatives", "selfsup.plot", "selfsup.eval.features",
-     "selfsup.eval.knn", "selfsup.eval.linear"],
+     "selfsup.target", "selfsup.negatives", "selfsup.prototypes", "selfsup.plot",
+     "selfsup.eval.features", "selfsup.eval.knn", "selfsup.eval.linear",
+     "selfsup.eval.statistics"],
     # methods: compositions of parts
     ["selfsup.methods"],
     # assembly: config validated against the registries, parts built from it, the run folder

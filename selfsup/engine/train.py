@@ -27,6 +27,7 @@ from selfsup.build import (
 from selfsup.config import Config, load_config
 from selfsup.data.datasets import ImageData
 from selfsup.data.loader import Batches
+from selfsup.engine.collapse import CollapseError, CollapseGuard
 from selfsup.engine.log import ProgressBar
 from selfsup.engine.monitor import KnnMonitor
 from selfsup.engine.optim import Schedule, build_optimizer
@@ -94,6 +95,7 @@ def train(
     last_step = min(total_steps, settings.max_steps or total_steps)
     log = MetricsLog(run.metrics_path)
     monitor = KnnMonitor.create(config, data, parts.views, parts.device)
+    guard = CollapseGuard.create(config, data, parts.views, parts.device)
 
     step, seconds_before = 0, 0.0  # seconds_before: training time of earlier sittings
     if resume is not None and run.checkpoint_path.is_file():
@@ -137,16 +139,20 @@ def train(
                         f"loss became {record['loss']} at step {step}; lower optim.lr or set "
                         f"optim.clip (the last good checkpoint is {run.checkpoint_path})"
                     )
-                log.write(
-                    {
-                        "step": step,
-                        "epoch": round(step / steps_per_epoch, 4),
-                        **record,
-                        "lr": parts.schedule.learning_rate(step - 1),
-                        "img_per_s": round(throughput, 1),
-                        "seconds": seconds(),
-                    }
-                )
+                line = {
+                    "step": step,
+                    "epoch": round(step / steps_per_epoch, 4),
+                    **record,
+                    "lr": parts.schedule.learning_rate(step - 1),
+                    "img_per_s": round(throughput, 1),
+                    "seconds": seconds(),
+                }
+                try:
+                    line.update(guard(method.encoder, step) if guard else {})
+                except CollapseError as error:
+                    log.write({**line, **error.stats, "event": "collapse", "message": str(error)})
+                    raise
+                log.write(line)
                 sums, window_start, window_steps = {}, time.perf_counter(), 0
             bar.update(step, loss=out["loss"].detach())  # a float only when the bar is drawn
 
