@@ -81,3 +81,13 @@ def shuffled(
     out_all = gather_nograd(out_mine)  # row j is the output for x_all[permutation[j]]
     inverse = torch.argsort(permutation)
     return out_all[inverse[rank() * n : (rank() + 1) * n]]
+
+
+def all_reduce(x: Tensor) -> Tensor:
+    """The sum of `x` over all processes, for sums that need no gradient (SwAV's Sinkhorn): a new
+    tensor, or `x` itself on one process, like the gathers."""
+    if world_size() == 1:
+        return x
+    total = x.detach().clone()
+    torch_dist.all_reduce(total)
+    return total

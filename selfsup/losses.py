@@ -164,3 +164,165 @@ def in_batch_info_nce(
         L = -1/M Σ_m log exp(q_m·c_{p_m}/τ) / Σ_l exp(q_m·c_l/τ)
     """
     return F.cross_entropy(query @ candidates.T / temperature, positives)  # logits (M, P)
+
+
+def supervised_contrastive(features: Tensor, labels: Tensor, temperature: float) -> Tensor:
+    """SupCon's L^sup_out (Khosla et al. 2020, arXiv 2004.11362, eq. 2), mean over anchors.
+
+    features (M, D): every view of every image (M = views × N), L2-normalised here; labels (M,):
+    each view's class. For anchor i, P(i) = the other views with i's label, A(i) = all views but i:
+        L = 1/M Σ_i −1/|P(i)| Σ_{p∈P(i)} log exp(z_i·z_p/τ) / Σ_{a∈A(i)} exp(z_i·z_a/τ)
+    An anchor without a positive adds 0 (the official code's guard). With every label distinct
+    but shared by the two views of one image, this is NT-Xent (`nt_xent`).
+    """
+    z = F.normalize(features, dim=1)
+    self_mask = torch.eye(z.shape[0], dtype=torch.bool, device=z.device)
+    logits = (z @ z.T / temperature).masked_fill(self_mask, float("-inf"))  # a ∈ A(i): a ≠ i
+    log_p = logits.log_softmax(dim=1)
+    positive = (labels[:, None] == labels[None, :]) & ~self_mask  # (M, M): p ∈ P(i)
+    per_anchor = log_p.masked_fill(~positive, 0).sum(dim=1) / positive.sum(dim=1).clamp(min=1)
+    return -per_anchor.mean()
+
+
+def unigrad(online: Tensor, target: Tensor, correlation: Tensor, balance: float) -> Tensor:
+    """UniGrad's loss (Tao et al. 2022, arXiv 2112.05141; official loss_unigrad), mean.
+
+    online (N, D): unit vectors u (the online branch); target (N, D): unit vectors u⁺ of the other
+    view from the momentum branch; correlation (D, D): F = Σ_v ρ_v v vᵀ, the moving average of
+    the momentum features' correlation matrix. Target and F are constants (detach them):
+        L = −u·u⁺ + λ/2 · uᵀ F u,   so   ∂L/∂u = −u⁺ + λ F u   (F symmetric)
+    the positive gradient pulls u to the other view, the negative one pushes it away from the
+    directions the features crowd in, λ (`balance`) weighs the two.
+    """
+    positive = (online * target).sum(dim=1)  # (N,)
+    negative = ((online @ correlation) * online).sum(dim=1)  # uᵀ F u, (N,)
+    return (-positive + 0.5 * balance * negative).mean()
+
+
+def _off_diagonal_squares(matrix: Tensor) -> Tensor:
+    """Σ_{i≠j} M_ij² of a square matrix M (D, D)."""
+    eye = torch.eye(matrix.shape[0], dtype=torch.bool, device=matrix.device)
+    return matrix.masked_fill(eye, 0).square().sum()
+
+
+def cross_correlation(z1: Tensor, z2: Tensor, eps: float = 1e-5) -> Tensor:
+    """Barlow Twins' cross-correlation matrix C (Zbontar et al. 2021, eq. 2), (D, D).
+
+    z1, z2 (N, D): the two views' embeddings of the same N images, the whole (gathered) batch.
+    Each is standardised over its own N rows as the official code's affine-free BatchNorm1d
+    (synchronised over all GPUs, in training mode) does, so over the global batch: per dimension
+    the mean and the biased variance, eps inside the root (BatchNorm1d's default 1e-5):
+        ẑ_bi = (z_bi − mean_b z_bi) / sqrt(var_b z_bi + eps),   C_ij = 1/N Σ_b ẑ¹_bi ẑ²_bj
+    With eps = 0, C_ij is eq. 2's cosine between the centred column i of z1 and column j of z2.
+    Float32 even under autocast: 1 − C_ii near convergence is below bfloat16's resolution.
+    """
+    with torch.autocast(z1.device.type, enabled=False):
+        a, b = (z.float() for z in (z1, z2))
+        a = (a - a.mean(dim=0)) / (a.var(dim=0, correction=0) + eps).sqrt()
+        b = (b - b.mean(dim=0)) / (b.var(dim=0, correction=0) + eps).sqrt()
+        return a.T @ b / a.shape[0]
+
+
+def barlow_twins(correlation: Tensor, off_diagonal_weight: float) -> Tensor:
+    """Barlow Twins' loss (Zbontar et al. 2021, eq. 1) on the cross-correlation matrix C (D, D)
+    of the two views (`cross_correlation`):
+        L = Σ_i (1 − C_ii)² + λ Σ_i Σ_{j≠i} C_ij²
+    The invariance term pulls every C_ii to 1, the redundancy-reduction term (weight λ) every
+    C_ij, i ≠ j, to 0. Sums, not means, as in the paper: λ is tuned for them (D = 8192).
+    """
+    on_diagonal = (1 - correlation.diagonal()).square().sum()
+    return on_diagonal + off_diagonal_weight * _off_diagonal_squares(correlation)
+
+
+def vicreg_variance(z: Tensor, std_target: float = 1.0, eps: float = 1e-4) -> Tensor:
+    """VICReg's variance term v(Z) (Bardes et al. 2022, eq. 1-2): a hinge on each dimension's std.
+
+    z (N, D): one branch's embeddings of the (gathered) batch; Var is the unbiased variance over
+    the N rows (the code's `var`):
+        v(Z) = 1/D Σ_j max(0, γ − S(z^j, ε)),   S(x, ε) = sqrt(Var(x) + ε)
+    Zero once every dimension's std reaches γ (`std_target`); ε keeps the gradient finite at 0.
+    """
+    std = (z.float().var(dim=0) + eps).sqrt()  # (D,)
+    return F.relu(std_target - std).mean()
+
+
+def vicreg_covariance(z: Tensor) -> Tensor:
+    """VICReg's covariance term c(Z) (Bardes et al. 2022, eq. 3-4): decorrelates the dimensions.
+
+    z (N, D): one branch's embeddings of the (gathered) batch.
+        C(Z) = 1/(N − 1) Σ_b (z_b − z̄)(z_b − z̄)ᵀ,   c(Z) = 1/D Σ_{i≠j} C(Z)_ij²
+    Float32 even under autocast, as `cross_correlation`.
+    """
+    with torch.autocast(z.device.type, enabled=False):
+        centred = z.float() - z.float().mean(dim=0)
+        covariance = centred.T @ centred / (z.shape[0] - 1)  # (D, D)
+        return _off_diagonal_squares(covariance) / z.shape[1]
+
+
+def vicreg_terms(
+    z1: Tensor, z2: Tensor, std_target: float = 1.0, eps: float = 1e-4
+) -> tuple[Tensor, Tensor, Tensor]:
+    """VICReg's invariance, variance and covariance terms (Bardes et al. 2022, eq. 5-6) of the two
+    branches, combined over the branches as the official code does; the loss is λs + μv + νc.
+
+    z1, z2 (N, D): the two views' embeddings of the same N images, the whole (gathered) batch.
+        s = 1/(N·D) Σ_b ||z1_b − z2_b||²   (the code's mse_loss: eq. 5's s(Z, Z') divided by D)
+        v = (v(Z1) + v(Z2)) / 2           (`vicreg_variance`; eq. 6 sums the two, the code halves)
+        c = c(Z1) + c(Z2)                 (`vicreg_covariance`)
+    """
+    invariance = F.mse_loss(z1.float(), z2.float())
+    variance = (vicreg_variance(z1, std_target, eps) + vicreg_variance(z2, std_target, eps)) / 2
+    covariance = vicreg_covariance(z1) + vicreg_covariance(z2)
+    return invariance, variance, covariance
+
+
+def dino_distillation(
+    student: list[Tensor],
+    teacher: list[Tensor],
+    center: Tensor,
+    student_temperature: float,
+    teacher_temperature: float,
+) -> Tensor:
+    """DINO's self-distillation loss (Caron et al. 2021, arXiv 2104.14294, eq. 3-4), averaged over
+    the pairs of different crops as the official DINOLoss.
+
+    student: V tensors (N, K), the student's outputs g_s(x_v) for every crop; teacher: G <= V
+    tensors (N, K), the teacher's outputs g_t(x_i) for the global crops, crop i being student[i]
+    (the global crops come first); center c (K,). Centring and sharpening the teacher:
+        P_t(x) = softmax((g_t(x) − c) / τ_t),   P_s(x) = softmax(g_s(x) / τ_s)
+        L = 1/(G(V − 1)) Σ_{i<G} Σ_{v<V, v≠i} 1/N Σ_n H(P_t(x_i)_n, P_s(x_v)_n)
+    with H(a, b) = −Σ_k a_k log b_k: a crop is never its own target. Eq. 3 sums over the pairs;
+    the code divides by their number. Float32 even under autocast (τ_t = 0.04 sharpens hard).
+    """
+    with torch.autocast(center.device.type, enabled=False):
+        targets = [F.softmax((t.float() - center.float()) / teacher_temperature, dim=-1)
+                   for t in teacher]  # fmt: skip
+        log_predictions = [F.log_softmax(s.float() / student_temperature, dim=-1) for s in student]
+        total, pairs = 0.0, 0
+        for i, target in enumerate(targets):
+            for v, log_prediction in enumerate(log_predictions):
+                if v != i:  # skip the pair of a crop with itself
+                    total = total - (target * log_prediction).sum(dim=-1).mean()
+                    pairs += 1
+        return total / pairs
+
+
+def swapped_prediction(scores: list[Tensor], codes: list[Tensor], temperature: float) -> Tensor:
+    """SwAV's swapped prediction loss (Caron et al. 2020, arXiv 2006.09882, eq. 1-2 and §3.2
+    multi-crop), averaged over the pairs as the official code.
+
+    scores: V tensors (N, K), z_v·c_k of crop v against the K prototypes; codes: G <= V tensors
+    (N, K), the codes q_i of the crops whose codes were computed, crop i being scores[i] (those
+    crops come first); each row of a code sums to 1. With p_v = softmax(z_v·C / τ):
+        ℓ(z_v, q_i) = −Σ_k q_ik log p_vk                                            (eq. 2)
+        L = 1/G Σ_{i<G} 1/(V − 1) Σ_{v<V, v≠i} 1/N Σ_n ℓ(z_v,n, q_i,n)
+    Every crop predicts the code of each other crop, never its own: with V = G = 2 this is eq. 1,
+    ℓ(z_t, q_s) + ℓ(z_s, q_t), halved. Float32 even under autocast.
+    """
+    with torch.autocast(scores[0].device.type, enabled=False):
+        log_predictions = [F.log_softmax(s.float() / temperature, dim=-1) for s in scores]
+        total = 0.0
+        for i, code in enumerate(codes):
+            others = [p for v, p in enumerate(log_predictions) if v != i]
+            total = total - sum((code.float() * p).sum(dim=-1).mean() for p in others) / len(others)
+        return total / len(codes)

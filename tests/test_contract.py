@@ -29,12 +29,25 @@ INFO = {"channels": 1, "image_size": 16, "mean": [0.5], "std": [0.25], "num_clas
 SOURCE_METHODS = {"pretrained": "simclr", "teacher": "supervised"}  # what those runs trained
 # Settings a method needs on these 16-px images (its defaults are its paper's, for 224 px)
 SMALL_IMAGE_SETTINGS = {"cpc": {"patch_size": 8, "patch_stride": 4}}  # a 3x3 patch grid
+# Heads at a test's size: the papers' 8192-wide projectors and 65536-d DINO outputs take a minute
+# and gigabytes per case, and the contract does not depend on their width.
+SMALL_HEADS = {
+    "barlow_twins": {"dim": 256, "hidden": 256},
+    "vicreg": {"dim": 256, "hidden": 256},
+    "dino": {"out_dim": 1024, "hidden": 256, "bottleneck": 64},
+    "unigrad": {"dim": 256, "hidden": 256},
+    "swav": {"num_prototypes": 100, "hidden": 256},
+}
 BN_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def _config(method, backbone, tmp_path):
     raw = {
-        "method": {"name": method, **SMALL_IMAGE_SETTINGS.get(method, {})},
+        "method": {
+            "name": method,
+            **SMALL_IMAGE_SETTINGS.get(method, {}),
+            **SMALL_HEADS.get(method, {}),
+        },
         "backbone": BACKBONES[backbone],
         "data": {"name": "synthetic", "per_class": 4, "size": 16},
         # two 16-px global crops and two 8-px local crops: every method finds its views

@@ -291,15 +291,19 @@ def dino(
     jitter: Sequence[float] = (0.4, 0.4, 0.2, 0.1),
     jitter_p: float = 0.8,
     grayscale_p: float = 0.2,
+    blur_p: float | Sequence[float] = (1.0, 0.1),
+    solarize_p: float | Sequence[float] = (0.0, 0.2),
+    small_blur_p: float = 0.5,
 ) -> MultiView:
     """DINO multi-crop (Caron et al. 2021): BYOL's two global views + num_small local views.
 
     Global blur 1.0 / 0.1 and solarize 0 / 0.2; local 96 px (scaled with size), blur 0.5.
+    Small images (28 px) leave the blur out: blur_p=0, small_blur_p=0.
     """
     colour = dict(jitter=jitter, jitter_p=jitter_p, grayscale_p=grayscale_p)
-    large = _specs(2, blur_p=(1.0, 0.1), solarize_p=(0.0, 0.2), size=size, scale=scale, **colour)
+    large = _specs(2, blur_p=blur_p, solarize_p=solarize_p, size=size, scale=scale, **colour)
     small_size = _small_size(size, small_size)
-    small = _specs(num_small, blur_p=0.5, size=small_size, scale=small_scale, **colour)
+    small = _specs(num_small, blur_p=small_blur_p, size=small_size, scale=small_scale, **colour)
     return MultiView(large, small, name="dino")
 
 

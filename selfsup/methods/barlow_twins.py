@@ -1,0 +1,69 @@
+"""Barlow Twins: self-supervised learning via redundancy reduction (Zbontar et al. 2021, arXiv
+2103.03230).
+
+Two views of each image pass through one shared encoder and a 3-layer projector. The
+cross-correlation matrix C between the two views' embeddings, each standardised over the batch,
+is pushed towards the identity (eq. 1): its diagonal to 1, so each dimension is invariant to the
+distortions, its off-diagonal to 0, so no two dimensions carry the same information. No
+negatives, predictor, EMA target or stop-gradient (§2). C is a statistic of the whole batch: the
+official code all-reduces it over the GPUs; here the embeddings of every process are gathered with
+their gradient (`dist.gather`) and C is computed on the global batch, as SimCLR's NT-Xent is.
+VICReg (vicreg.py) regularises each view's covariance instead of the cross-correlation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from selfsup.dist import gather
+from selfsup.heads import mlp
+from selfsup.losses import barlow_twins, cross_correlation
+from selfsup.methods.base import Method
+from selfsup.params import require_positive
+from selfsup.registry import METHODS
+from selfsup.step import Progress, Views
+
+
+@METHODS.register("barlow_twins")
+class BarlowTwins(Method):
+    """Barlow Twins: shared encoder + projector; cross-correlation of the views towards I."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        dim: int = 8192,  # projector output ("Implementation details"; code --projector)
+        hidden: int = 8192,  # projector hidden width (code 8192-8192-8192)
+        layers: int = 3,  # linear layers of the projector ("Implementation details")
+        off_diagonal_weight: float = 0.0051,  # λ (eq. 1); code --lambd (the paper's text: 5e-3)
+    ) -> None:
+        require_positive(dim=dim, hidden=hidden, layers=layers)
+        if off_diagonal_weight < 0:
+            raise ValueError(
+                f"'method.off_diagonal_weight' must be >= 0, got {off_diagonal_weight!r}"
+            )
+        super().__init__(backbone)
+        # Linear-BN-ReLU on the hidden layers, a last Linear; no biases anywhere (the code's).
+        self.projector = mlp(backbone.num_features, hidden, dim, layers=layers, last_bias=False)
+        self.off_diagonal_weight = off_diagonal_weight
+
+    def forward(self, views: Views, progress: Progress) -> dict[str, Tensor]:
+        x1, x2 = views.large[:2]
+        # Each view is its own BN batch, as in the paper's code.
+        z1, z2 = (self.projector(self.backbone(x)) for x in (x1, x2))  # (N, dim)
+        correlation = cross_correlation(gather(z1), gather(z2))  # (dim, dim), global batch
+        loss = barlow_twins(correlation, self.off_diagonal_weight)
+        with torch.no_grad():
+            diagonal = correlation.diagonal()
+            d = len(diagonal)
+            off_squares = (correlation.square().sum() - diagonal.square().sum()).clamp(min=0)
+            off_diagonal = (off_squares / max(d * (d - 1), 1)).sqrt()  # RMS of C_ij, i ≠ j
+            z_std = F.normalize(z1, dim=1).std(dim=0).mean()  # ≈ 1/sqrt(dim), 0 on collapse
+        return {
+            "loss": loss,
+            "on_diag": diagonal.mean(),  # → 1: the views agree dimension by dimension
+            "off_diag": off_diagonal,  # → 0: the dimensions are decorrelated
+            "z_std": z_std,
+        }

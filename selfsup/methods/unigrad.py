@@ -1,0 +1,78 @@
+"""UniGrad: the unified gradient of Siamese self-supervised learning (Tao et al. 2022, arXiv
+2112.05141, seed 002).
+
+Contrastive, asymmetric and decorrelation methods all push an online embedding u with a gradient
+−u⁺ + λ·(a weighted sum of other samples); UniGrad takes the simplest such gradient,
+∂L/∂u = −u⁺ + λ·F·u, where u⁺ is the other view's embedding from a momentum network and F a
+moving average of the correlation matrix of the momentum embeddings. No memory bank, no
+predictor, no negatives: F alone keeps the embeddings from crowding into a few directions. The
+paper found the momentum target worth ~2 points in every family, and UniGrad keeps it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from selfsup.dist import gather_nograd
+from selfsup.heads import mlp
+from selfsup.losses import unigrad
+from selfsup.methods.base import Method
+from selfsup.params import require_positive
+from selfsup.registry import METHODS
+from selfsup.schedules import cosine_ramp
+from selfsup.step import Progress, Views
+from selfsup.target import EMA
+
+
+@METHODS.register("unigrad")
+class UniGrad(Method):
+    """UniGrad: −u⁺ + λ·F·u against a momentum target, F a moving feature correlation matrix."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        dim: int = 2048,  # projector output (official configs/unigrad.py: projector_output_dim)
+        hidden: int = 2048,  # projector hidden width (ibid.)
+        projector_layers: int = 3,  # Linear-BN-ReLU ×2, then Linear (official _projection_mlp)
+        balance: float = 100.0,  # λ, the weight of the negative gradient (configs: lambd)
+        correlation_momentum: float = 0.99,  # ρ of F's moving average (configs: rho)
+        momentum: float = 0.996,  # momentum network, 0.996 → 1 on a cosine (configs: base_momentum)
+        final_momentum: float = 1.0,
+    ) -> None:
+        require_positive(dim=dim, hidden=hidden, balance=balance)
+        if not 0 <= correlation_momentum < 1:
+            raise ValueError(
+                f"'method.correlation_momentum' must be in [0, 1), got {correlation_momentum!r}"
+            )
+        super().__init__(backbone)
+        self.projector = mlp(backbone.num_features, hidden, dim, layers=projector_layers)
+        self.target = EMA(self.backbone, self.projector)
+        self.balance, self.correlation_momentum = balance, correlation_momentum
+        self.momentum, self.final_momentum = momentum, final_momentum
+        # F and whether it holds a first batch yet (the code starts it at the first batch's matrix)
+        self.register_buffer("correlation", torch.zeros(dim, dim))
+        self.register_buffer("correlation_started", torch.zeros((), dtype=torch.bool))
+
+    def forward(self, views: Views, progress: Progress) -> dict[str, Tensor]:
+        x1, x2 = views.large[:2]
+        u1, u2 = (F.normalize(self.projector(self.backbone(x)), dim=1) for x in (x1, x2))
+        with torch.no_grad():
+            t1, t2 = (F.normalize(self.target(x), dim=1) for x in (x1, x2))
+            targets = gather_nograd(torch.cat([t1, t2]))  # both views of the global batch
+            batch = targets.T @ targets / targets.shape[0]  # (dim, dim), mean of v vᵀ
+            rho = self.correlation_momentum if bool(self.correlation_started) else 0.0
+            correlation = rho * self.correlation + (1 - rho) * batch  # F with this batch in it
+        loss = 0.5 * (
+            unigrad(u1, t2, correlation, self.balance) + unigrad(u2, t1, correlation, self.balance)
+        )
+        with torch.no_grad():
+            positive_similarity = 0.5 * ((u1 * t2).sum(dim=1) + (u2 * t1).sum(dim=1)).mean()
+        return {"loss": loss, "pos_sim": positive_similarity, "correlation": correlation}
+
+    def after_step(self, progress: Progress, out: dict[str, Tensor]) -> None:
+        self.correlation.copy_(out["correlation"])
+        self.correlation_started.fill_(True)
+        self.target.update(cosine_ramp(self.momentum, self.final_momentum, progress.fraction))

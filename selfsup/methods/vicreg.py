@@ -1,0 +1,86 @@
+"""VICReg: variance-invariance-covariance regularisation (Bardes, Ponce & LeCun 2022, arXiv
+2105.04906).
+
+Two views of each image pass through one shared encoder and a 3-layer projector ("expander").
+The loss has three terms (eq. 6): invariance, the mean squared distance between the two views'
+embeddings; variance, a hinge that keeps the standard deviation of every embedding dimension
+above γ = 1 over the batch, so the embeddings cannot collapse to a point; covariance, the squared
+off-diagonal covariances, which decorrelate the dimensions so they cannot collapse to a line
+(§3). Variance and covariance are regularisers of each branch on its own; no negatives,
+predictor, EMA target or stop-gradient. The statistics are over the global batch: the embeddings
+of every process are gathered with their gradient (`dist.gather`), as the official code does.
+Barlow Twins (barlow_twins.py) instead standardises the embeddings and decorrelates across views.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from selfsup.dist import gather
+from selfsup.heads import mlp
+from selfsup.losses import vicreg_terms
+from selfsup.methods.base import Method
+from selfsup.params import require_positive
+from selfsup.registry import METHODS
+from selfsup.step import Progress, Views
+
+
+@METHODS.register("vicreg")
+class VICReg(Method):
+    """VICReg: shared encoder + expander; invariance + variance hinge + covariance penalty."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        dim: int = 8192,  # expander output ("Implementation details"; code --mlp 8192-8192-8192)
+        hidden: int = 8192,  # expander hidden width (code --mlp)
+        layers: int = 3,  # linear layers of the expander ("Implementation details")
+        invariance_weight: float = 25.0,  # λ (eq. 6; code --sim-coeff)
+        variance_weight: float = 25.0,  # μ (eq. 6; code --std-coeff)
+        covariance_weight: float = 1.0,  # ν (eq. 6; code --cov-coeff)
+        std_target: float = 1.0,  # γ, the hinge's target standard deviation (eq. 1)
+        eps: float = 1e-4,  # ε in S(x, ε) = sqrt(Var(x) + ε) (eq. 2; code 0.0001)
+    ) -> None:
+        require_positive(dim=dim, hidden=hidden, layers=layers, eps=eps)
+        weights = {
+            "invariance_weight": invariance_weight,
+            "variance_weight": variance_weight,
+            "covariance_weight": covariance_weight,
+            "std_target": std_target,
+        }
+        for name, value in weights.items():
+            if value < 0:
+                raise ValueError(f"'method.{name}' must be >= 0, got {value!r}")
+        super().__init__(backbone)
+        # Linear-BN-ReLU on the hidden layers, then a Linear: the code's Projector, whose hidden
+        # Linears keep their bias before the BN and whose last one has none.
+        self.projector = mlp(
+            backbone.num_features, hidden, dim, layers=layers, bias_before_norm=True,
+            last_bias=False,
+        )  # fmt: skip
+        self.invariance_weight, self.variance_weight = invariance_weight, variance_weight
+        self.covariance_weight = covariance_weight
+        self.std_target, self.eps = std_target, eps
+
+    def forward(self, views: Views, progress: Progress) -> dict[str, Tensor]:
+        x1, x2 = views.large[:2]
+        # Each view is its own BN batch, as in the paper's code.
+        z1, z2 = (self.projector(self.backbone(x)) for x in (x1, x2))  # (N, dim)
+        z1, z2 = gather(z1), gather(z2)  # (world·N, dim): the statistics of the global batch
+        invariance, variance, covariance = vicreg_terms(z1, z2, self.std_target, self.eps)
+        loss = (
+            self.invariance_weight * invariance
+            + self.variance_weight * variance
+            + self.covariance_weight * covariance
+        )  # λ s + μ v + ν c (eq. 6)
+        with torch.no_grad():
+            z_std = z1.std(dim=0).mean()  # held >= γ by the variance term; 0 on collapse
+        return {
+            "loss": loss,
+            "invariance": invariance.detach(),
+            "variance": variance.detach(),
+            "covariance": covariance.detach(),
+            "z_std": z_std,
+        }
