@@ -25,8 +25,11 @@ def plot_curves(metrics: list[dict[str, Any]], path: Path, title: str = "") -> N
 
 
 # Distinct colours for several runs on one chart (matplotlib's default cycle).
+# matplotlib's tab10, then ten darker or distinct tones: a comparison of every method (~20 lines)
+# gives each its own colour
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
-           "#7f7f7f", "#bcbd22", "#17becf")  # fmt: skip
+           "#7f7f7f", "#bcbd22", "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39",
+           "#7b4173", "#000000", "#e6550d", "#31a354", "#ce6dbd", "#6baed6")  # fmt: skip
 
 
 def plot_series(
