@@ -11,13 +11,9 @@ The two processes are spawned once for the module (a few seconds); each test rea
 
 from __future__ import annotations
 
-import datetime
-import queue
-import socket
-import traceback
-
 import pytest
 import torch
+from gloo import run_on_processes
 from torch import nn
 
 from selfsup.dist import gather, gather_nograd
@@ -48,78 +44,42 @@ def make_layer() -> nn.Linear:
     return nn.Linear(5, 3)
 
 
-def _on_each_process(rank: int, port: int, inputs: dict, results) -> None:
+def _on_each_process(rank: int, inputs: dict) -> dict:
     import torch.distributed as dist
 
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=datetime.timedelta(seconds=60),  # a failing peer ends the other quickly
-    )
     mine = slice(rank * ROWS, (rank + 1) * ROWS)
     out = {}
-    try:
-        rows = inputs["rows"][mine].clone().requires_grad_()
-        collected = gather_nograd(rows)
-        out["nograd"] = collected.tolist()
-        out["nograd_requires_grad"] = collected.requires_grad
+    rows = inputs["rows"][mine].clone().requires_grad_()
+    collected = gather_nograd(rows)
+    out["nograd"] = collected.tolist()
+    out["nograd_requires_grad"] = collected.requires_grad
 
-        # a weighted sum with known weights: d loss / d gathered = weights
-        x = inputs["x"][mine].clone().requires_grad_()
-        gathered = gather(x)
-        out["gathered"] = gathered.tolist()
-        (inputs["weights"] * gathered).sum().backward()
-        out["x_grad"] = x.grad.tolist()
+    # a weighted sum with known weights: d loss / d gathered = weights
+    x = inputs["x"][mine].clone().requires_grad_()
+    gathered = gather(x)
+    out["gathered"] = gathered.tolist()
+    (inputs["weights"] * gathered).sum().backward()
+    out["x_grad"] = x.grad.tolist()
 
-        # SimCLR's use: nt_xent on gathered embeddings of a shared layer, then DDP's averaging
-        layer = make_layer()
-        a = inputs["a"][mine].clone().requires_grad_()
-        b = inputs["b"][mine].clone().requires_grad_()
-        loss = nt_xent(gather(layer(a)), gather(layer(b)), TEMPERATURE)
-        loss.backward()
-        out["loss"] = loss.item()
-        out["a_grad"], out["b_grad"] = a.grad.tolist(), b.grad.tolist()
-        for param in layer.parameters():  # what DistributedDataParallel does to .grad
-            dist.all_reduce(param.grad)
-            param.grad /= WORLD
-        out["param_grads"] = [p.grad.tolist() for p in layer.parameters()]
-    except Exception:
-        out = {"error": traceback.format_exc()}
-    results.put((rank, out))  # plain lists: no shared memory outliving the worker
-    dist.destroy_process_group()
+    # SimCLR's use: nt_xent on gathered embeddings of a shared layer, then DDP's averaging
+    layer = make_layer()
+    a = inputs["a"][mine].clone().requires_grad_()
+    b = inputs["b"][mine].clone().requires_grad_()
+    loss = nt_xent(gather(layer(a)), gather(layer(b)), TEMPERATURE)
+    loss.backward()
+    out["loss"] = loss.item()
+    out["a_grad"], out["b_grad"] = a.grad.tolist(), b.grad.tolist()
+    for param in layer.parameters():  # what DistributedDataParallel does to .grad
+        dist.all_reduce(param.grad)
+        param.grad /= WORLD
+    out["param_grads"] = [p.grad.tolist() for p in layer.parameters()]
+    return out  # plain lists: no shared memory outliving the worker
 
 
 @pytest.fixture(scope="module")
 def per_process():
     """{rank: results} from WORLD spawned gloo processes running `_on_each_process`."""
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    context = mp.get_context("spawn")
-    results = context.Queue()
-    inputs = make_inputs()
-    workers = [
-        context.Process(target=_on_each_process, args=(r, port, inputs, results))
-        for r in range(WORLD)
-    ]
-    for worker in workers:
-        worker.start()
-    try:
-        outputs = dict(results.get(timeout=120) for _ in range(WORLD))
-    except queue.Empty:
-        pytest.fail("a gloo worker died before reporting")
-    finally:
-        for worker in workers:
-            worker.join(timeout=60)
-            if worker.is_alive():
-                worker.terminate()
-    for rank, out in outputs.items():
-        assert "error" not in out, f"rank {rank} failed:\n{out['error']}"
-    return outputs
+    return run_on_processes(_on_each_process, WORLD, make_inputs())
 
 
 def my_rows(rank: int) -> slice:

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from gloo import run_on_processes
 from torch import nn
 
 from selfsup.dist import shuffled
@@ -204,38 +205,17 @@ def test_shuffled_draws_its_permutation_from_the_global_rng_when_no_generator_is
     assert torch.equal(first, second)
 
 
-def _shuffled_on_two_processes(rank: int, port: int, x_all: torch.Tensor, results) -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+def _shuffled_on_two_processes(rank: int, x_all: torch.Tensor) -> list:
     torch.manual_seed(100 + rank)  # different global RNGs: the broadcast permutation must win
     x = x_all.chunk(2)[rank]
     out = shuffled(nn.BatchNorm1d(5), x, groups=4, generator=torch.Generator().manual_seed(5))
-    results.put((rank, out.tolist()))  # plain lists: no shared memory outliving the worker
-    dist.destroy_process_group()
+    return out.tolist()  # plain lists: no shared memory outliving the worker
 
 
 @pytest.mark.slow
 def test_shuffled_bn_across_two_processes_normalises_global_groups_and_returns_own_rows():
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     x_all = torch.randn(16, 5) * 2 + 1
-    context = mp.get_context("spawn")
-    results = context.Queue()
-    workers = [
-        context.Process(target=_shuffled_on_two_processes, args=(r, port, x_all, results))
-        for r in range(2)
-    ]
-    for worker in workers:
-        worker.start()
-    outputs = dict(results.get(timeout=120) for _ in range(2))  # raises if a worker died
-    for worker in workers:
-        worker.join(timeout=60)
+    outputs = run_on_processes(_shuffled_on_two_processes, 2, x_all)
     permutation = torch.randperm(16, generator=torch.Generator().manual_seed(5))  # rank 0's
     expected = torch.empty_like(x_all)
     for rows in permutation.tensor_split(4):  # 4 BN groups over the global batch of 16

@@ -2,15 +2,12 @@
 large crops only, the prototypes' unit norm and frozen first epoch, the feature queue, and the
 Sinkhorn sums all-reduced over processes."""
 
-import datetime
 import math
-import queue
-import socket
-import traceback
 
 import pytest
 import torch
 import torch.nn.functional as F
+from gloo import run_on_processes
 
 import selfsup.methods.swav as swav_module
 from selfsup.config import OptimConfig, load_config
@@ -303,45 +300,15 @@ def test_swav_recipes_resolve_and_build(recipe, tiny_backbone):
 ROWS = (5, 7)
 
 
-def _sinkhorn_on_each_process(rank, port, scores, results):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=2, timeout=datetime.timedelta(seconds=60))  # fmt: skip
-    try:
-        start = sum(ROWS[:rank])
-        out = {"codes": sinkhorn(scores[start : start + ROWS[rank]], 0.05, 3).tolist()}
-    except Exception:
-        out = {"error": traceback.format_exc()}
-    results.put((rank, out))
-    dist.destroy_process_group()
+def _sinkhorn_on_each_process(rank, scores):
+    start = sum(ROWS[:rank])
+    return {"codes": sinkhorn(scores[start : start + ROWS[rank]], 0.05, 3).tolist()}
 
 
 @pytest.mark.slow
 def test_sinkhorn_sums_over_all_processes_as_one_problem_on_the_global_batch():
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     scores = _cosines(sum(ROWS), 4, seed=5)
-    context = mp.get_context("spawn")
-    results = context.Queue()
-    workers = [context.Process(target=_sinkhorn_on_each_process, args=(r, port, scores, results))
-               for r in range(2)]  # fmt: skip
-    for worker in workers:
-        worker.start()
-    try:
-        outputs = dict(results.get(timeout=120) for _ in range(2))
-    except queue.Empty:
-        pytest.fail("a gloo worker died before reporting")
-    finally:
-        for worker in workers:
-            worker.join(timeout=60)
-            if worker.is_alive():
-                worker.terminate()
-    for rank, out in outputs.items():
-        assert "error" not in out, f"rank {rank} failed:\n{out['error']}"
+    outputs = run_on_processes(_sinkhorn_on_each_process, 2, scores)
     together = torch.cat([torch.tensor(outputs[r]["codes"]) for r in range(2)])
     torch.testing.assert_close(together, sinkhorn(scores, 0.05, 3))
     torch.testing.assert_close(together.double(), _codes_by_scaling(scores), rtol=1e-5, atol=1e-7)
