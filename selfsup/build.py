@@ -17,21 +17,24 @@ from torch import nn
 
 from selfsup.config import Config, apply_overrides, load_recipe, recipe_names, resolve
 from selfsup.data.datasets import ImageData
-from selfsup.files import load_checkpoint
+from selfsup.data.selection import load_split
+from selfsup.files import load_weights
 from selfsup.methods.base import Method
-from selfsup.registry import BACKBONES, DATASETS, METHODS, VIEWS, parameters
-from selfsup.target import use_stop_gradient_targets
+from selfsup.registry import BACKBONES, METHODS, VIEWS, parameters
+from selfsup.target import use_target_setting
 
 # Supplied values taken from another run: parameter -> (the train.* key naming that run, which is
 # also the folder of its copy inside a new run; what of that run's method is passed).
 FROM_RUNS = {
-    "pretrained": ("init", lambda method: method.encoder),  # fine-tuning
+    "pretrained": ("init", lambda method: method),  # fine-tuning: its encoder (and projector)
     "teacher": ("teacher", lambda method: method),  # distillation
 }
 
 
 def load_data(config: Config, split: str) -> ImageData:
-    return DATASETS.build(config.data, split=split)
+    """A split of the config's dataset, with data.classes and data.fraction applied (the
+    fraction's images chosen with train.seed: selfsup/data/selection.py)."""
+    return load_split(config.data, split, seed=config.train.seed)
 
 
 def data_info(data: ImageData, views: Any) -> dict[str, Any]:
@@ -60,7 +63,7 @@ def build_method(
 ) -> Method:
     """The method of `config` for data described by `info`, with what it needs supplied.
 
-    A method that takes `pretrained` gets the encoder of the run `train.init`, one that takes
+    A method that takes `pretrained` gets the method of the run `train.init`, one that takes
     `teacher` the method of the run `train.teacher` (FROM_RUNS); with their checkpoint's weights
     only with `init_weights` (a fresh start: later the run's own checkpoint holds them).
     """
@@ -90,12 +93,8 @@ def build_method(
                 f"'{name}' takes none (methods that do: {', '.join(_takers(parameter))})"
             )
     method = METHODS.build(config.method, **supplied)
-    if config.train.target not in ("method", "stop_gradient"):
-        raise ValueError(
-            f"train.target must be 'method' or 'stop_gradient', not '{config.train.target}'"
-        )
-    if config.train.target == "stop_gradient":
-        use_stop_gradient_targets(method)  # here, not in train(): a loaded run needs it too
+    # here, not in train(): a loaded run needs it too (config.py checked the method has it)
+    use_target_setting(method, config.train.target, config.train.target_momentum)
     return method
 
 
@@ -124,7 +123,7 @@ def _method_of_run(
         )
     method = build_method(source_config, source_info, source)
     if weights:
-        method.load_state_dict(load_checkpoint(Path(named) / "checkpoints" / "last.pt")["method"])
+        load_weights(method, Path(named) / "checkpoints" / "last.pt")
     return method
 
 
@@ -147,7 +146,8 @@ def finetune_config(
     run_dir: str | Path, overrides: list[str] | None = None, recipe: str | None = None
 ) -> Config:
     """The config that fine-tunes the encoder of `run_dir`: a finetune recipe (default:
-    finetune/<the run's dataset>) with the run's backbone, data and image size, train.init=run."""
+    finetune/<the run's dataset>) with the run's backbone, data and image size, train.init=run.
+    An override data.name=B fine-tunes on dataset B (transfer) without the run's data options."""
     source, info = read_run_files(Path(run_dir))
     if recipe is None:
         recipe = f"finetune/{source.data['name']}"
@@ -157,7 +157,9 @@ def finetune_config(
                 f"with --recipe (e.g. finetune/fashion_mnist) and override what differs"
             )
     raw = load_recipe(recipe)
-    raw["backbone"], raw["data"] = source.backbone, source.data
+    data_name = apply_overrides({}, overrides or []).get("data", {}).get("name")
+    same_data = data_name in (None, source.data["name"])
+    raw["backbone"], raw["data"] = source.backbone, source.data if same_data else {}
     raw["views"] = {**raw.get("views", {}), "size": info["image_size"]}
     raw["train"] = {**raw.get("train", {}), "init": str(run_dir)}
     return resolve(apply_overrides(raw, overrides or []))

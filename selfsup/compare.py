@@ -36,6 +36,8 @@ SHARED = ("data", "backbone")
 ACCURACIES = ("knn_top1", "linear_top1")
 # The sections of a reused run that must match the recipe as it resolves now.
 FIXED = ("method", "backbone", "data", "views", "optim")
+# ... and the train.* keys that change what is trained (the target branch: seed 002's experiment)
+FIXED_TRAIN = ("target", "target_momentum")
 
 
 def compare(
@@ -144,6 +146,11 @@ def _check_reusable(run: Run, wanted: Config, minutes: float) -> None:
     # The run's config holds the epochs its budget chose; the budget is in its "budget" event.
     budget = next((r["budget_minutes"] for r in run.metrics if r.get("event") == "budget"), None)
     different = [s for s in FIXED if getattr(run.config, s) != getattr(wanted, s)]
+    different += [
+        f"train.{key}"
+        for key in FIXED_TRAIN
+        if getattr(run.config.train, key) != getattr(wanted.train, key)
+    ]
     if budget != minutes or run.config.train.seed != wanted.train.seed or different:
         what = different + (["train.budget_minutes"] if budget != minutes else [])
         raise ValueError(

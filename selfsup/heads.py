@@ -46,6 +46,25 @@ def mlp(
     return nn.Sequential(*modules)
 
 
+def mlp_blocks(projector: nn.Module) -> list[nn.Sequential]:
+    """A projector cut after each layer: every block starts with a Linear and holds the norm and
+    activation that follow it (`mlp`'s Linear [+ norm] [+ activation]), sharing its modules; a
+    bare Linear (MoCo v1, InstDisc) is one block. The hidden blocks are all but the last."""
+    if isinstance(projector, nn.Linear):
+        return [nn.Sequential(projector)]
+    if not isinstance(projector, nn.Sequential) or not isinstance(projector[0], nn.Linear):
+        raise ValueError(
+            f"the projector is a {type(projector).__name__}; expected an nn.Linear or an "
+            f"nn.Sequential of Linear [+ norm + activation] blocks (heads.mlp)"
+        )
+    blocks: list[list[nn.Module]] = []
+    for module in projector:
+        if isinstance(module, nn.Linear):
+            blocks.append([])
+        blocks[-1].append(module)
+    return [nn.Sequential(*block) for block in blocks]
+
+
 def _norm(kind: str, dim: int) -> nn.Module:
     if kind == "bn":
         return nn.BatchNorm1d(dim)

@@ -11,7 +11,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def nt_xent(z1: Tensor, z2: Tensor, temperature: float, negatives: Tensor | None = None) -> Tensor:
+def nt_xent(
+    z1: Tensor,
+    z2: Tensor,
+    temperature: float,
+    negatives: Tensor | None = None,
+    targets: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
     """SimCLR's NT-Xent (Chen et al. 2020, eq. 1) averaged over all 2N anchors.
 
     z1, z2 (N, D): embeddings of the two views; row i of z1 and row i of z2 are the positive pair,
@@ -21,10 +27,14 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float, negatives: Tensor | None
     K more negatives n_1..n_K shared by every anchor, added to each denominator:
         l(i, j) = -log exp(s_ij/τ) / (Σ_{k≠i} exp(s_ik/τ) + Σ_{m=1..K} exp(sim(z_i, n_m)/τ))
     with s_ik = sim(z_i, z_k). None (or K = 0) is eq. 1 exactly.
+    targets (t1, t2), (N, D) each, optional: the other side of every similarity, a target branch's
+    embeddings of the same views (UniGrad, arXiv 2112.05141, Table 2): s_ik = sim(z_i, t_k), the
+    anchors z, the positive and negatives t; None: t = z, eq. 1.
     """
     z = F.normalize(torch.cat([z1, z2]), dim=1)  # (2N, D)
+    t = z if targets is None else F.normalize(torch.cat(targets), dim=1)  # (2N, D)
     n = z1.shape[0]
-    logits = z @ z.T / temperature  # (2N, 2N)
+    logits = z @ t.T / temperature  # (2N, 2N)
     self_mask = torch.eye(2 * n, dtype=torch.bool, device=z.device)
     logits = logits.masked_fill(
         self_mask, float("-inf")

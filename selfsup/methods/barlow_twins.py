@@ -9,6 +9,8 @@ negatives, predictor, EMA target or stop-gradient (§2). C is a statistic of the
 official code all-reduces it over the GPUs; here the embeddings of every process are gathered with
 their gradient (`dist.gather`) and C is computed on the global batch, as SimCLR's NT-Xent is.
 VICReg (vicreg.py) regularises each view's covariance instead of the cross-correlation.
+train.target=stop_gradient or momentum gives it a target side, ½[L(C(z1, t2)) + L(C(t1, z2))]
+with t detached or from a momentum network (target.py; UniGrad, arXiv 2112.05141, Table 2).
 """
 
 from __future__ import annotations
@@ -24,11 +26,14 @@ from selfsup.methods.base import Method
 from selfsup.params import require_positive
 from selfsup.registry import METHODS
 from selfsup.step import Progress, Views
+from selfsup.target import TARGET_SETTINGS, SiameseTarget
 
 
 @METHODS.register("barlow_twins")
 class BarlowTwins(Method):
     """Barlow Twins: shared encoder + projector; cross-correlation of the views towards I."""
+
+    target_settings = TARGET_SETTINGS
 
     def __init__(
         self,
@@ -48,14 +53,20 @@ class BarlowTwins(Method):
         # Linear-BN-ReLU on the hidden layers, a last Linear; no biases anywhere (the code's).
         self.projector = mlp(backbone.num_features, hidden, dim, layers=layers, last_bias=False)
         self.off_diagonal_weight = off_diagonal_weight
+        # the target side: as published, or as train.target sets it (target.py)
+        self.target_branch = SiameseTarget(self.backbone, self.projector, paper="online")
 
     def forward(self, views: Views, progress: Progress) -> dict[str, Tensor]:
         x1, x2 = views.large[:2]
         # Each view is its own BN batch, as in the paper's code.
         z1, z2 = (self.projector(self.backbone(x)) for x in (x1, x2))  # (N, dim)
-        correlation = cross_correlation(gather(z1), gather(z2))  # (dim, dim), global batch
-        loss = barlow_twins(correlation, self.off_diagonal_weight)
+        # (dim, dim) each, over the global batch: C(z1, z2) as published; with a target branch
+        # C(z1, t2) and C(t1, z2), the loss their mean ½[L(C(z1, t2)) + L(C(t1, z2))]
+        pairs = self.target_branch.pairs((x1, x2), (z1, z2))
+        correlations = [cross_correlation(gather(a), gather(b)) for a, b in pairs]
+        loss = torch.stack([barlow_twins(c, self.off_diagonal_weight) for c in correlations]).mean()
         with torch.no_grad():
+            correlation = correlations[0]
             diagonal = correlation.diagonal()
             d = len(diagonal)
             off_squares = (correlation.square().sum() - diagonal.square().sum()).clamp(min=0)
@@ -67,3 +78,6 @@ class BarlowTwins(Method):
             "off_diag": off_diagonal,  # → 0: the dimensions are decorrelated
             "z_std": z_std,
         }
+
+    def after_step(self, progress: Progress, out: dict[str, Tensor]) -> None:
+        self.target_branch.update(progress.fraction)

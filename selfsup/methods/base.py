@@ -25,7 +25,7 @@ SUPPLIED = {
     "make_backbone": "a factory: make_backbone(in_channels=C) builds another backbone like it",
     "num_samples": "the number of training images (one memory-bank slot each)",
     "num_classes": "the number of classes of the labelled training data",
-    "pretrained": "the encoder of the run named by train.init, with its weights (fine-tuning)",
+    "pretrained": "the method of the run named by train.init, with its weights (fine-tuning)",
     "teacher": "the method of the run named by train.teacher, with its weights (distillation)",
 }
 
@@ -34,6 +34,8 @@ class Method(nn.Module):
     """Backbone plus what a paper adds. Subclasses build their parts and define `forward`."""
 
     uses_labels: ClassVar[bool] = False  # True: the engine fills views.labels
+    # the train.target settings it has (selfsup/target.py); "method" only: no target branch
+    target_settings: ClassVar[tuple[str, ...]] = ("method",)
 
     def __init__(self, backbone: nn.Module) -> None:
         super().__init__()

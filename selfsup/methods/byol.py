@@ -20,12 +20,14 @@ from selfsup.params import require_positive
 from selfsup.registry import METHODS
 from selfsup.schedules import cosine_ramp
 from selfsup.step import Progress, Views
-from selfsup.target import EMA
+from selfsup.target import EMA, TARGET_SETTINGS
 
 
 @METHODS.register("byol")
 class BYOL(Method):
     """BYOL: online network + predictor regress an EMA target's projection (2 - 2·cos)."""
+
+    target_settings = TARGET_SETTINGS  # momentum: its own EMA, as published (target.py)
 
     def __init__(
         self,

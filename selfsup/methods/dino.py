@@ -25,12 +25,14 @@ from selfsup.params import Group, require_positive
 from selfsup.registry import METHODS
 from selfsup.schedules import cosine_ramp, linear_warmup
 from selfsup.step import Progress, Views
-from selfsup.target import EMA
+from selfsup.target import EMA, TARGET_SETTINGS
 
 
 @METHODS.register("dino")
 class DINO(Method):
     """DINO: a student matches an EMA teacher's centred, sharpened distribution over crops."""
+
+    target_settings = TARGET_SETTINGS  # momentum: its own EMA, as published (target.py)
 
     def __init__(
         self,

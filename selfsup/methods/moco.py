@@ -29,7 +29,7 @@ from selfsup.negatives import MemoryBank, Queue
 from selfsup.params import require_positive
 from selfsup.registry import METHODS
 from selfsup.step import Progress, Views
-from selfsup.target import EMA
+from selfsup.target import EMA, TARGET_SETTINGS
 
 BANK_SELECTIONS = ("hardest", "uniform")
 
@@ -37,6 +37,8 @@ BANK_SELECTIONS = ("hardest", "uniform")
 @METHODS.register("moco")
 class MoCo(Method):
     """MoCo v1/v2: query vs momentum-encoded key among a queue (+ bank: hybrid) of negatives."""
+
+    target_settings = TARGET_SETTINGS  # momentum: its own EMA, as published (target.py)
 
     def __init__(
         self,

@@ -22,12 +22,14 @@ from selfsup.params import require_positive
 from selfsup.registry import METHODS
 from selfsup.schedules import cosine_ramp
 from selfsup.step import Progress, Views
-from selfsup.target import EMA
+from selfsup.target import EMA, TARGET_SETTINGS
 
 
 @METHODS.register("moco_v3")
 class MoCoV3(Method):
     """MoCo v3: query + predictor vs momentum keys of the (gathered) batch, symmetrised InfoNCE."""
+
+    target_settings = TARGET_SETTINGS  # momentum: its own EMA, as published (target.py)
 
     def __init__(
         self,

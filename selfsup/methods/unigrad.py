@@ -23,12 +23,14 @@ from selfsup.params import require_positive
 from selfsup.registry import METHODS
 from selfsup.schedules import cosine_ramp
 from selfsup.step import Progress, Views
-from selfsup.target import EMA
+from selfsup.target import EMA, TARGET_SETTINGS
 
 
 @METHODS.register("unigrad")
 class UniGrad(Method):
     """UniGrad: −u⁺ + λ·F·u against a momentum target, F a moving feature correlation matrix."""
+
+    target_settings = TARGET_SETTINGS  # momentum: its own EMA, as published (target.py)
 
     def __init__(
         self,

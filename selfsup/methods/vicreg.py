@@ -10,6 +10,8 @@ off-diagonal covariances, which decorrelate the dimensions so they cannot collap
 predictor, EMA target or stop-gradient. The statistics are over the global batch: the embeddings
 of every process are gathered with their gradient (`dist.gather`), as the official code does.
 Barlow Twins (barlow_twins.py) instead standardises the embeddings and decorrelates across views.
+train.target=stop_gradient or momentum gives it a target side: each term averaged over the pairs
+(z1, t2) and (t1, z2), t detached or from a momentum network (target.py; UniGrad Table 2).
 """
 
 from __future__ import annotations
@@ -24,11 +26,14 @@ from selfsup.methods.base import Method
 from selfsup.params import require_positive
 from selfsup.registry import METHODS
 from selfsup.step import Progress, Views
+from selfsup.target import TARGET_SETTINGS, SiameseTarget
 
 
 @METHODS.register("vicreg")
 class VICReg(Method):
     """VICReg: shared encoder + expander; invariance + variance hinge + covariance penalty."""
+
+    target_settings = TARGET_SETTINGS
 
     def __init__(
         self,
@@ -63,20 +68,25 @@ class VICReg(Method):
         self.invariance_weight, self.variance_weight = invariance_weight, variance_weight
         self.covariance_weight = covariance_weight
         self.std_target, self.eps = std_target, eps
+        # the target side: as published, or as train.target sets it (target.py)
+        self.target_branch = SiameseTarget(self.backbone, self.projector, paper="online")
 
     def forward(self, views: Views, progress: Progress) -> dict[str, Tensor]:
         x1, x2 = views.large[:2]
         # Each view is its own BN batch, as in the paper's code.
         z1, z2 = (self.projector(self.backbone(x)) for x in (x1, x2))  # (N, dim)
-        z1, z2 = gather(z1), gather(z2)  # (world·N, dim): the statistics of the global batch
-        invariance, variance, covariance = vicreg_terms(z1, z2, self.std_target, self.eps)
+        # (world·N, dim) each: the statistics of the global batch. The pair (z1, z2) as published;
+        # with a target branch the terms are averaged over (z1, t2) and (t1, z2).
+        pairs = [(gather(a), gather(b)) for a, b in self.target_branch.pairs((x1, x2), (z1, z2))]
+        terms = zip(*(vicreg_terms(a, b, self.std_target, self.eps) for a, b in pairs), strict=True)
+        invariance, variance, covariance = (torch.stack(term).mean() for term in terms)
         loss = (
             self.invariance_weight * invariance
             + self.variance_weight * variance
             + self.covariance_weight * covariance
         )  # λ s + μ v + ν c (eq. 6)
         with torch.no_grad():
-            z_std = z1.std(dim=0).mean()  # held >= γ by the variance term; 0 on collapse
+            z_std = pairs[0][0].std(dim=0).mean()  # z1's: held >= γ by the variance term
         return {
             "loss": loss,
             "invariance": invariance.detach(),
@@ -84,3 +94,6 @@ class VICReg(Method):
             "covariance": covariance.detach(),
             "z_std": z_std,
         }
+
+    def after_step(self, progress: Progress, out: dict[str, Tensor]) -> None:
+        self.target_branch.update(progress.fraction)

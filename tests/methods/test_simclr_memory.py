@@ -12,7 +12,7 @@ import selfsup
 from selfsup.config import resolve
 from selfsup.losses import nt_xent
 from selfsup.methods.simclr import SimCLR
-from selfsup.step import Views
+from selfsup.step import Progress, Views
 
 
 def nt_xent_with_memory_by_hand(z1, z2, memory, temperature):
@@ -180,3 +180,15 @@ def test_simclr_with_memory_lowers_the_loss_and_learns_features_above_chance(tin
     losses = [r["loss"] for r in run.metrics if "loss" in r]
     assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.1
     assert [r["knn_top1"] for r in run.metrics if "knn_top1" in r][-1] > 30  # chance: 10 %
+
+
+def test_simclr_without_a_projection_head_contrasts_the_encoder_output():
+    # §4.2, Fig. 8 "None": the loss sees h itself
+    backbone = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5))
+    backbone.num_features = 5
+    method = SimCLR(backbone, layers=0, temperature=0.5)
+    x1, x2 = torch.rand(2, 6, 3, 2, 2)
+    expected = nt_xent(backbone(x1), backbone(x2), 0.5)
+    loss = method(Views([x1, x2], [], torch.arange(6)), Progress(0, 0.0, 0.0))["loss"]
+    torch.testing.assert_close(loss, expected)
+    assert not list(method.projector.parameters())
