@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from selfsup.augment import ops
 from selfsup.build import load_data, pick_device
 from selfsup.config import Config
 from selfsup.data.datasets import ImageData
+from selfsup.data.selection import describe, load_split
 from selfsup.eval.features import extract, pixel_features
 from selfsup.eval.knn import accuracy, knn
 from selfsup.eval.linear import linear_probe
@@ -32,15 +35,32 @@ def _check(protocols: list[str]) -> None:
 
 def _splits(config: Config) -> tuple[ImageData, ImageData]:
     train, test = load_data(config, "train"), load_data(config, config.eval.test_split)
+    _check_labels(config.data["name"], train, test, config.eval.test_split)
+    return train, test
+
+
+def _check_labels(name: str, train: ImageData, test: ImageData, test_split: str) -> None:
     if train.labels is None or test.labels is None:
         raise ValueError(
-            f"dataset '{config.data['name']}' has no labels; kNN and linear evaluation need a "
-            f"labelled train and {config.eval.test_split} split"
+            f"dataset '{name}' has no labels; kNN and linear evaluation need a labelled train "
+            f"and {test_split} split"
+        )
+
+
+def _transfer_splits(run: Run, data: dict[str, Any]) -> tuple[ImageData, ImageData]:
+    """Train and test split of dataset B (`data`: a data spec), checked against the run's input."""
+    train, test = load_split(data, "train"), load_split(data, "test")
+    _check_labels(data["name"], train, test, "test")
+    channels = run.info["channels"]
+    if train.shape[0] != channels:
+        raise ValueError(
+            f"{run.path} was trained on {channels}-channel images, dataset '{data['name']}' has "
+            f"{train.shape[0]}-channel images; transfer to a dataset with {channels} channels"
         )
     return train, test
 
 
-def _protocols(
+def probe(
     config: Config,
     protocols: list[str],
     train_f: torch.Tensor,
@@ -49,6 +69,8 @@ def _protocols(
     test: ImageData,
     center: bool = False,
 ) -> dict[str, float]:
+    """The kNN and/or linear probe (`protocols`) trained on (train_f, train's labels) and scored
+    on (test_f, test's labels), with the run's eval settings: top-1/top-5 in %."""
     results: dict[str, float] = {}
     if "knn" in protocols:
         out = knn(
@@ -79,23 +101,61 @@ def _protocols(
     return results
 
 
+def _resized_first(
+    transform: Callable[[torch.Tensor], torch.Tensor], size: int
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`transform` of images whose centre square is first resized to (size, size): the eval
+    transform's own resize (to the run's image size) is then the identity."""
+    return lambda images: transform(ops.resize(images, size))
+
+
+def probe_data(
+    run: Run, data: str | dict[str, Any] | None = None
+) -> tuple[str, ImageData, ImageData, Callable[[torch.Tensor], torch.Tensor]]:
+    """(dataset name, train split, test split, transform) that the probes of `run` use: its own
+    dataset's labelled splits and its eval transform, or with `data` (a dataset name or spec)
+    dataset B's, resized to the run's image size first (transfer). A spec with data.classes or
+    data.fraction is named with them (selfsup/data/selection.py `describe`)."""
+    transform = run.views.eval_transform
+    if data is None:
+        return run.config.data["name"], *_splits(run.config), transform
+    spec = {"name": data} if isinstance(data, str) else dict(data)
+    train, test = _transfer_splits(run, spec)
+    return describe(spec), train, test, _resized_first(transform, run.info["image_size"])
+
+
 def evaluate(
     run_dir: str | Path | Run,
     protocols: list[str] | tuple[str, ...] = PROTOCOLS,
     device: str = "auto",
+    data: str | dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """kNN and/or linear probe of a run's frozen encoder on its dataset's train/test splits, and
     for a classifier run (`classify`) the test accuracy of its own predictions.
 
-    Results are appended to the run's metrics.jsonl and stored in <run>/eval.json.
+    With `data` (a dataset name, or a spec {"name": ..., **options} such as a root), transfer:
+    the encoder pre-trained on the run's dataset A is probed on dataset B's train and test
+    splits (Kornblith et al. 2019, "Do Better ImageNet Models Transfer Better?"; SimCLR §6,
+    transfer learning). B's images must have the run's channels; they are resized (centre square,
+    bilinear) to the run's image size and normalised with the run's own mean and std of A, the
+    input statistics the encoder was trained with. Their keys name B ("digits/linear_top1"), so
+    they sit beside the run's own results instead of replacing them.
+
+    Results are appended to the run's metrics.jsonl (event "eval", with "data": the dataset) and
+    merged into <run>/eval.json.
     """
     protocols = list(protocols)
     _check(protocols)
     run = run_dir if isinstance(run_dir, Run) else Run(run_dir)
-    config = run.config
-    train, test = _splits(config)
+    config, batch_size = run.config, run.config.eval.batch_size
+    if data is not None and CLASSIFY in protocols:
+        raise ValueError(
+            f"'classify' scores the run's own classes and has no meaning on another dataset "
+            f"({data}); transfer with knn or linear"
+        )
+    name, train, test, transform = probe_data(run, data)
+    prefix = "" if data is None else f"{name}/"
     target = pick_device(device)
-    transform, batch_size = run.views.eval_transform, config.eval.batch_size
     results: dict[str, float] = {}
     if CLASSIFY in protocols:
         if not hasattr(run.method, "classify"):
@@ -111,9 +171,10 @@ def evaluate(
         encoder = run.encoder.to(target)
         train_f = extract(encoder, train.images, transform, batch_size)
         test_f = extract(encoder, test.images, transform, batch_size)
-        results.update(_protocols(config, protocols, train_f, train, test_f, test))
+        results.update(probe(config, protocols, train_f, train, test_f, test))
+    results = {f"{prefix}{key}": value for key, value in results.items()}
     step = run.checkpoint()["step"]
-    MetricsLog(run.metrics_path).write({"event": "eval", "step": step, **results})
+    MetricsLog(run.metrics_path).write({"event": "eval", "data": name, "step": step, **results})
     stored = run.path / "eval.json"
     merged = json.loads(stored.read_text()) if stored.is_file() else {}
     merged.update(results)
@@ -126,7 +187,7 @@ def pixel_baselines(
 ) -> dict[str, float]:
     """The same kNN / linear protocols on raw pixels (kNN on mean-centred pixels)."""
     train, test = _splits(config)
-    return _protocols(
+    return probe(
         config,
         list(protocols),
         pixel_features(train.images),
@@ -157,6 +218,11 @@ def embed(
         )
     else:
         name, _, split = images.partition(":")
+        if name not in DATASETS and ("/" in images or Path(images).suffix):
+            raise FileNotFoundError(
+                f"{images} is not a folder of images (no such folder) nor a dataset name such as "
+                f"fashion_mnist:test"
+            )
         if name not in DATASETS:
             DATASETS.get(name)  # raises: unknown dataset, with the valid names
         data = DATASETS.build({"name": name}, split=split or "train")

@@ -1,6 +1,7 @@
 """Supervised training and fine-tuning through the one loop: the loss, labels reaching only the
 methods that use them, pre-trained weights, frozen stages, resume, self-contained run folders."""
 
+import json
 import shutil
 
 import numpy as np
@@ -9,6 +10,7 @@ import torch
 
 import selfsup
 from selfsup.config import resolve
+from selfsup.methods.base import Method
 from selfsup.methods.simclr import SimCLR
 from selfsup.methods.supervised import FineTune, Supervised
 from selfsup.step import Views
@@ -133,7 +135,8 @@ def test_finetuning_errors_name_the_problem_and_the_fix(pretrained, tiny_config)
 
 
 def test_finetune_keeps_frozen_modules_in_eval_mode(tiny_backbone):
-    method = FineTune(tiny_backbone, pretrained=tiny_backbone, num_classes=2, freeze_to="conv")
+    pretrained = Method(tiny_backbone)
+    method = FineTune(tiny_backbone, pretrained=pretrained, num_classes=2, freeze_to="conv")
     method.train()
     assert not tiny_backbone.conv.training and tiny_backbone.bn.training
     assert not tiny_backbone.conv.weight.requires_grad and tiny_backbone.bn.weight.requires_grad
@@ -162,3 +165,80 @@ def test_a_finetune_run_resumed_before_its_first_checkpoint_still_starts_pretrai
     start = _parameters(selfsup.load(pretrained.path).encoder)
     after = _parameters(selfsup.load(resumed.path).encoder)
     assert all(torch.equal(start[k], after[k]) for k in start)
+
+
+def _simclr_v2_head(backbone):
+    """SimCLR with v2's 3-layer projector (Linear-BN-ReLU twice, then Linear), in eval mode with
+    non-trivial BN statistics."""
+    method = SimCLR(backbone, hidden=16, dim=4, layers=3)
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for bn in (method.projector[1], method.projector[4]):
+            bn.running_mean.normal_(generator=generator)
+            bn.running_var.uniform_(0.5, 2.0, generator=generator)
+            bn.weight.uniform_(0.5, 1.5, generator=generator)
+            bn.bias.normal_(generator=generator)
+    return method.eval()
+
+
+def _classifier_input(method, x):
+    captured = []
+    handle = method.head.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    with torch.no_grad():
+        method.classify(x)
+    handle.remove()
+    return captured[0]
+
+
+def _bn(bn, x):
+    return (x - bn.running_mean) / (bn.running_var + bn.eps).sqrt() * bn.weight + bn.bias
+
+
+def test_finetuning_from_the_projector_classifies_relu_bn_of_w_mlp_h(tiny_backbone):
+    pretrained = _simclr_v2_head(tiny_backbone)
+    x = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        h = pretrained.backbone(x)
+        (w1, bn1, _, w2, bn2, _, _) = pretrained.projector
+        first = _bn(bn1, h @ w1.weight.T).relu()  # σ(W_mlp h), SimCLR v2 §2
+        second = _bn(bn2, first @ w2.weight.T).relu()
+    for blocks, expected in [(0, h), (1, first), (2, second)]:
+        method = FineTune(
+            tiny_backbone, pretrained=pretrained, num_classes=3, from_projector=blocks
+        )
+        method.eval()
+        torch.testing.assert_close(_classifier_input(method, x), expected)
+        torch.testing.assert_close(method.encoder(x).detach(), expected)  # what evaluation sees
+        assert method.head.in_features == method.encoder.num_features == expected.shape[1]
+    assert method.head.in_features == 16  # the projector's hidden width, not the encoder's 8
+
+
+def test_finetuning_from_the_projector_errors_name_the_valid_depths(tiny_backbone):
+    pretrained = _simclr_v2_head(tiny_backbone)
+    with pytest.raises(ValueError, match="from_projector=3.*has 2 hidden layer.*valid: 0 to 2"):
+        FineTune(tiny_backbone, pretrained=pretrained, num_classes=3, from_projector=3)
+    with pytest.raises(ValueError, match="from_projector must be >= 0, got -1"):
+        FineTune(tiny_backbone, pretrained=pretrained, num_classes=3, from_projector=-1)
+    classifier = Supervised(tiny_backbone, num_classes=3)
+    with pytest.raises(ValueError, match=r"pre-trained method \(Supervised\) has none"):
+        FineTune(tiny_backbone, pretrained=classifier, num_classes=3, from_projector=1)
+
+
+def test_a_finetune_run_from_the_projector_on_a_label_fraction(pretrained):
+    """SimCLR v2's protocol: fine-tune from the first projector layer on a quarter of the labels."""
+    tuned = _finetune(
+        pretrained, "method.from_projector=1", "train.label_fraction=0.25", "optim.lr=0.0",
+        "train.max_steps=2", "train.name=v2",
+    )  # fmt: skip
+    source = selfsup.load(pretrained.path).method
+    encoder = tuned.encoder
+    start = {**_parameters(source.backbone), **_parameters(source.projector[:3])}
+    after = {**_parameters(encoder.encoder), **_parameters(encoder.projector)}
+    assert start.keys() == after.keys()
+    assert all(torch.equal(start[k], after[k]) for k in start)  # lr 0: the pre-trained weights
+    with torch.no_grad():
+        assert encoder(torch.rand(2, 1, 16, 16)).shape == (2, 64)  # what eval and embed see
+    assert tuned.info["train_size"] == 80  # 8 of the 32 images of each of the 10 classes
+    assert len(json.loads((tuned.path / "labelled.json").read_text())["indices"]) == 80
+    logged = [r["epoch"] for r in tuned.metrics if r.get("step") == 2 and "loss" in r]
+    assert logged == [1.0]  # an epoch is 80 // 32 = 2 steps
