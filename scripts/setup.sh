@@ -15,6 +15,16 @@ if [ ! -e "$data" ]; then
   fi
 fi
 
+# Chromium: the test that opens `selfsup report`'s page in a headless browser (skipped without it).
+if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && apt-get install -y -qq chromium >/dev/null ||
+      echo "note: installing chromium failed; the report's browser test will be skipped" >&2
+  else
+    echo "note: chromium is missing; the report's browser test is skipped (apt-get install chromium)" >&2
+  fi
+fi
+
 if [ ! -x .venv/bin/python ]; then
   # --system-site-packages: reuse a torch that is already installed instead of fetching another.
   if ! python3 -m venv --system-site-packages .venv 2>/dev/null; then
@@ -28,4 +38,6 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   # An unpinned torch pulls a multi-GB CUDA build; TORCH_SPEC chooses another build.
   .venv/bin/pip install -q "${TORCH_SPEC:-torch==2.13.0}"
 fi
-.venv/bin/pip install -q -e ".[test]"
+# digits: scikit-learn, which ships the 8x8 digits the transfer tests use (no torch pulled in);
+# report: the same scikit-learn, for the t-SNE map of `selfsup report`.
+.venv/bin/pip install -q -e ".[test,digits,report]"

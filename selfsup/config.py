@@ -1,8 +1,9 @@
 """Configs: YAML recipes -> dotted overrides -> a validated, fully resolved `Config`.
 
 Sections `method`, `backbone`, `data` and `views` are registry specs ({name, **constructor
-parameters}); `optim`, `train` and `eval` are the dataclasses below, whose defaults and comments are
-the only statement of those defaults. Unknown keys fail with the valid keys and a close match.
+parameters}; `data` also takes `classes` and `fraction`, for any dataset: data/selection.py);
+`optim`, `train` and `eval` are the dataclasses below, whose defaults and comments are the only
+statement of those defaults. Unknown keys fail with the valid keys and a close match.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from typing import Any
 
 import yaml
 
+from selfsup.data.selection import SELECTION_KEYS, check_selection
 from selfsup.methods.base import SUPPLIED
 from selfsup.params import Group
 from selfsup.registry import BACKBONES, DATASETS, METHODS, VIEWS, Registry, suggest
+from selfsup.target import TARGET_SETTINGS
 
 
 @dataclass(frozen=True)
@@ -53,14 +56,25 @@ class TrainConfig:
     budget_minutes: float | None = None
     max_steps: int | None = None  # stop after this many steps (the schedule still spans `epochs`)
     seed: int = 0
-    # method: as the paper; stop_gradient: every EMA target becomes a stop-gradient copy (seed 002)
+    # the target branch (seed 002, UniGrad Table 2; selfsup/target.py): method: as the paper;
+    # stop_gradient: the online network, detached (an EMA target becomes such a copy); momentum: an
+    # EMA of the online network (a method with its own EMA keeps it: the same as method)
     target: str = "method"
+    # m₀ of that EMA where train.target adds one (SimCLR, SimSiam, Barlow Twins, VICReg), ramped
+    # to 1 on a cosine: UniGrad's code (configs base_momentum 0.996, pretrainer.adjust_mm)
+    target_momentum: float = 0.996
     init: str | None = None  # run folder whose encoder a fine-tuning method starts from
     teacher: str | None = None  # run folder of the classifier a distillation method learns from
+    # semi-supervised: train on this class-balanced fraction of the labelled training images
+    # (SimCLR §B.5: 0.01, 0.1), chosen with `seed`; None: all of them (selfsup/data/subsets.py)
+    label_fraction: float | None = None
     device: str = "auto"  # auto | cpu | cuda | cuda:1 | mps
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | fp32 | bf16 | fp16
     channels_last: bool = True  # ~1.35x faster convolutions on CPU
     compile: bool = False  # torch.compile the backbone (~1.5x on CPU after ~60 s of compiling)
+    # under torchrun: BatchNorm over the global batch of all processes (SimCLR §2.2 "Global BN")
+    # instead of each process's part; torch's SyncBatchNorm on CUDA, selfsup.dist's on CPU
+    sync_bn: bool = False
     threads: int | None = None  # torch intra-op threads; None: torch's default
     checkpoint_minutes: float = 5.0  # save checkpoints/last.pt at least this often (and each epoch)
     log_every: int = 20  # steps between metric lines in metrics.jsonl
@@ -114,6 +128,8 @@ LIMITS: dict[type, dict[str, tuple[Any, str]]] = {
         "checkpoint_minutes": POSITIVE,
         "log_every": POSITIVE,
         "knn_every": NON_NEGATIVE,
+        "label_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
+        "target_momentum": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     },
     EvalConfig: {
         "knn_k": POSITIVE,
@@ -126,6 +142,47 @@ LIMITS: dict[type, dict[str, tuple[Any, str]]] = {
         "batch_size": POSITIVE,
     },
 }
+
+
+_UNIT = (lambda v: 0 <= v <= 1, "in [0, 1]")
+# Allowed values of the parameters of methods, backbones and views, by name (the same name means
+# the same thing in every method): a temperature of 0 would train into NaN, a negative one
+# "succeed" at nothing.
+SPEC_LIMITS: dict[str, tuple[Any, str]] = {
+    **dict.fromkeys(
+        ("temperature", "teacher_temp", "final_teacher_temp", "student_temp", "epsilon", "eps",
+         "width", "std_target", "patch_stride", "size", "image_size", "small_size"),
+        POSITIVE,
+    ),
+    **dict.fromkeys(
+        ("dim", "hidden", "out_dim", "bottleneck", "predictor_hidden", "num_prototypes",
+         "sinkhorn_iterations", "patch_size", "prediction_steps", "context_blocks",
+         "projector_layers", "head_layers", "num_views", "in_channels", "num_noise"),
+        _at_least(1),
+    ),
+    **dict.fromkeys(
+        ("queue_size", "num_negatives", "bank_negatives", "num_small", "queue_start_epoch",
+         "layers", "freeze_last_layer_epochs", "freeze_prototypes_epochs",
+         "teacher_temp_warmup_epochs", "balance", "proximal", "from_projector",
+         "invariance_weight", "variance_weight", "covariance_weight", "off_diagonal_weight",
+         "sk_ratio", "strength"),
+        NON_NEGATIVE,
+    ),
+    **dict.fromkeys(
+        ("momentum", "final_momentum", "bank_momentum", "center_momentum",
+         "correlation_momentum", "label_smoothing", "drop_path", "blur_p", "flip_p",
+         "grayscale_p", "jitter_p", "small_blur_p", "solarize_p"),
+        _UNIT,
+    ),
+}  # fmt: skip
+
+
+def _check_spec_limits(section: str, spec: dict[str, Any]) -> None:
+    for key, given in spec.items():
+        if key in SPEC_LIMITS and isinstance(given, (int, float)) and not isinstance(given, bool):
+            ok, allowed = SPEC_LIMITS[key]
+            if not ok(given):
+                raise ValueError(f"'{section}.{key}' must be {allowed}, got {given!r}")
 
 
 def _check_limits(section: str, value: Any) -> None:
@@ -210,7 +267,18 @@ def load_recipe(name_or_path: str | Path) -> dict[str, Any]:
             f"no recipe file or name '{name_or_path}'{suggest(str(name_or_path), names)}; "
             f"recipes: {', '.join(names)} (or give a path to a YAML file)"
         )
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:  # syntax, or a tag that safe_load refuses (!!python/...)
+        where = getattr(error, "problem_mark", None)
+        line = f" line {where.line + 1}" if where is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ValueError(
+            f"{path}{line}: not a valid recipe ({problem}); recipes are plain YAML mappings "
+            f"of sections (no Python tags)"
+        ) from error
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: cannot read the recipe ({error})") from error
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: a recipe must be a YAML mapping of sections")
     return raw
@@ -232,7 +300,13 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                 f"unknown config section '{section}'{suggest(section, list(SECTIONS))}; "
                 f"valid: {', '.join(SECTIONS)}"
             )
-        value = yaml.safe_load(text) if text else None
+        try:
+            value = yaml.safe_load(text) if text else None
+        except yaml.YAMLError as error:
+            raise ValueError(
+                f"override '{item}': the value is not valid YAML ({error.__class__.__name__}); "
+                f"quote it, e.g. {key}='\"{text}\"'"
+            ) from error
         raw.setdefault(section, {})[name] = value
     return raw
 
@@ -260,7 +334,42 @@ def resolve(raw: dict[str, Any]) -> Config:
             values[section] = _resolve_spec(section, kind, given)
         else:
             values[section] = _resolve_dataclass(section, kind, given)
+    _check_label_fraction(values["method"]["name"], values["train"].label_fraction)
+    _check_target(values["method"]["name"], values["train"].target)
     return Config(**values)
+
+
+def _check_label_fraction(method: str, fraction: float | None) -> None:
+    def uses_labels(name: str) -> bool:
+        return getattr(METHODS.get(name), "uses_labels", False)
+
+    if fraction is not None and not uses_labels(method):
+        takers = [n for n in METHODS.names() if uses_labels(n)]
+        raise ValueError(
+            f"train.label_fraction={fraction} keeps a fraction of the labels, and method "
+            f"'{method}' trains on no labels (methods that do: {', '.join(takers)}); leave "
+            f"train.label_fraction unset"
+        )
+
+
+def _check_target(method: str, setting: str) -> None:
+    if setting not in TARGET_SETTINGS:
+        raise ValueError(
+            f"unknown train.target '{setting}'{suggest(setting, list(TARGET_SETTINGS))}; valid: "
+            f"{', '.join(TARGET_SETTINGS)}"
+        )
+
+    def settings(name: str) -> tuple[str, ...]:
+        return getattr(METHODS.get(name), "target_settings", ("method",))
+
+    valid = settings(method)
+    if setting not in valid:
+        others = [n for n in METHODS.names() if setting in settings(n)]
+        raise ValueError(
+            f"train.target={setting} changes a method's target branch, and method '{method}' has "
+            f"none; valid for '{method}': {', '.join(valid)} (methods with one: "
+            f"{', '.join(others)})"
+        )
 
 
 def _resolve_spec(section: str, registry: Registry, given: dict[str, Any]) -> dict[str, Any]:
@@ -270,15 +379,29 @@ def _resolve_spec(section: str, registry: Registry, given: dict[str, Any]) -> di
         )
     spec = dict(given)
     name = spec.pop("name")
+    if not isinstance(name, str):
+        raise ValueError(
+            f"'{section}.name' must be a name, got {name!r}; valid: {', '.join(registry.names())}"
+        )
     registry.get(name)  # unknown name -> did-you-mean error
     supplied = ENGINE_SUPPLIED.get(section, set())
     for key in supplied & set(spec):
         raise ValueError(f"'{section}.{key}' is set by the engine, not by a recipe")
-    registry.check_keys(name, list(spec), where=section, hidden=supplied)
+    generic = SELECTION_KEYS if section == "data" else ()  # every dataset takes these
+    own = [key for key in spec if key not in generic]
+    try:
+        registry.check_keys(name, own, where=section, hidden=supplied)
+    except ValueError as error:
+        if not generic:
+            raise
+        raise ValueError(f"{error}; every dataset also takes: {', '.join(generic)}") from None
+    if generic:
+        spec = check_selection(spec)
     hints = _hints(registry.get(name))
     for key, value in spec.items():
         if key in hints and _checkable(hints[key]):
             spec[key] = _coerce(f"{section}.{key}", value, hints[key])
+    _check_spec_limits(section, spec)
     return {"name": name, **spec}
 
 

@@ -1,34 +1,173 @@
-"""The files a run writes: atomic checkpoints (a crash mid-write never leaves a torn or missing
-`last.pt`) and the JSON-lines metrics log (a line torn by a kill loses nothing before it)."""
+"""The files a run writes: verified, atomic checkpoints (a crash mid-write never leaves a torn
+`last.pt`, a damaged one is detected on load and the previous one used) and the JSON-lines
+metrics log (a line torn by a kill loses nothing before it)."""
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import io
 import json
 import os
+import pickle
+import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+CHECKPOINT_FORMAT = 1  # {"format", "sha256", "payload": the torch.save bytes of the state}
 
-def save_atomic(state: dict[str, Any], path: Path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be written or read; the message names the file, what is wrong
+    and what to do (a ValueError: the CLI prints it as one line)."""
+
+
+def save_atomic(state: dict[str, Any], path: Path, previous: Path | None = None) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path`; with
+    `previous`, the file `path` held moves there first (the last two stay on disk). A failed
+    write (disk full, unwritable folder) raises CheckpointError and leaves `path` as it was."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        if previous is not None and path.is_file():
+            os.replace(path, previous)
         os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
+    except OSError as error:
+        reason = error.strerror or str(error)
+        hint = "free some disk space" if error.errno == errno.ENOSPC else "make it writable"
+        raise CheckpointError(
+            f"could not write the checkpoint {path}: {reason}; the previous checkpoint is "
+            f"intact. {hint.capitalize()} ({path.parent}) and resume with "
+            f"`selfsup train --resume {path.parent.parent}`"
+        ) from error
     finally:
         tmp.unlink(missing_ok=True)
 
 
+def previous_checkpoint(path: Path) -> Path:
+    """Where the checkpoint before `path` is kept (checkpoints/last.pt -> previous.pt)."""
+    return path.with_name("previous.pt")
+
+
+def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """Write a training state with its SHA-256, keeping the one before as previous.pt.
+
+    torch's zip reader notices truncation but not flipped bytes inside a tensor (they load
+    silently), so the digest of the serialised state is stored beside it and checked on load.
+    """
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getbuffer()
+    wrapped = {
+        "format": CHECKPOINT_FORMAT,
+        "sha256": hashlib.sha256(payload).hexdigest(),
+        "payload": torch.frombuffer(payload, dtype=torch.uint8),
+    }
+    save_atomic(wrapped, path, previous=previous_checkpoint(path))
+    del wrapped, payload  # release the view before the buffer
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """One checkpoint file, verified: a CheckpointError naming the file and what is wrong with
+    it for an empty, truncated, corrupted or foreign file. Loading never executes code
+    (weights-only unpickling)."""
+    state = _load_weights_only(path, path)
+    if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
+        payload = state.get("payload")
+        if not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8:
+            raise CheckpointError(f"checkpoint {path} is damaged: its payload is missing")
+        data = payload.numpy().tobytes()
+        if hashlib.sha256(data).hexdigest() != state.get("sha256"):
+            raise CheckpointError(
+                f"checkpoint {path} is corrupted: its content does not match the SHA-256 stored "
+                f"when it was written (a damaged disk or copy)"
+            )
+        state = _load_weights_only(io.BytesIO(data), path)
+    if not isinstance(state, dict) or "method" not in state or "step" not in state:
+        kind = type(state).__name__ if not isinstance(state, dict) else "dict without 'method'"
+        raise CheckpointError(
+            f"{path} is not a selfsup training checkpoint (it holds a {kind}); runs write "
+            f"checkpoints/last.pt with `selfsup train` (weights from `selfsup export` are not one)"
+        )
+    return state
+
+
+def _load_weights_only(source: Path | io.BytesIO, path: Path) -> Any:
+    if isinstance(source, Path) and source.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): its save was interrupted")
+    if isinstance(source, Path) and not zipfile.is_zipfile(source):  # torch.save writes a zip
+        raise CheckpointError(
+            f"checkpoint {path} is truncated or not a PyTorch file (no complete zip archive)"
+        )
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"{path} holds Python objects that weights-only loading refuses ({_first_line(error)});"
+            f" selfsup never loads a checkpoint in a way that could run code"
+        ) from error
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise CheckpointError(
+            f"checkpoint {path} is truncated or not a PyTorch file ({_first_line(error)})"
+        ) from error
+
+
+def one_line(error: Exception, limit: int = 300) -> str:
+    """An exception's message on one line (torch's state-dict errors span several)."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"[:limit]
+
+
+def _first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:100]}" if lines else type(error).__name__
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    if not path.is_file():
+    """The checkpoint at `path`, verified; when it is missing or damaged and the one before it
+    (previous.pt) is good, that one, with a warning on stderr naming both."""
+    previous = previous_checkpoint(path)
+    if not path.is_file() and not previous.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}; was the run started and saved?")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {path} is missing (a save stopped between renames)")
+        return read_checkpoint(path)
+    except CheckpointError as error:
+        if not previous.is_file():
+            raise
+        try:
+            state = read_checkpoint(previous)
+        except CheckpointError as second:
+            raise CheckpointError(f"{error}; and the one before it: {second}") from second
+        print(
+            f"selfsup: warning: {error}; using the previous checkpoint {previous} "
+            f"(step {state['step']})",
+            file=sys.stderr,
+        )
+        return state
+
+
+def load_weights(method: torch.nn.Module, path: Path) -> dict[str, Any]:
+    """Load the method weights of the checkpoint at `path` (load_checkpoint) into `method`;
+    returns the checkpoint. A checkpoint of another model is a CheckpointError naming the keys
+    that differ, not torch's traceback."""
+    state = load_checkpoint(path)
+    try:
+        method.load_state_dict(state["method"])
+    except (RuntimeError, KeyError, TypeError) as error:
+        raise CheckpointError(
+            f"checkpoint {path} holds the weights of another model than this run's "
+            f"{type(method).__name__} ({one_line(error)}); was the run folder's "
+            f"checkpoints/ copied from another run?"
+        ) from error
+    return state
 
 
 def rng_state(generator: torch.Generator) -> dict[str, Any]:

@@ -13,7 +13,8 @@ PANEL_W, PANEL_H, MARGIN = 420, 260, 48
 def plot_curves(metrics: list[dict[str, Any]], path: Path, title: str = "") -> None:
     """Two panels: training loss against step, kNN top-1 against epoch."""
     loss = [(r["step"], r["loss"]) for r in metrics if "loss" in r and "step" in r]
-    knn = [(r["epoch"], r["knn_top1"]) for r in metrics if "knn_top1" in r]
+    # the monitor's lines; evaluation events (no epoch) carry knn_top1 too
+    knn = [(r["epoch"], r["knn_top1"]) for r in metrics if "knn_top1" in r and "epoch" in r]
     image = Image.new("RGB", (2 * PANEL_W, PANEL_H + 24), "white")
     draw = ImageDraw.Draw(image)
     font = _font(12)
@@ -39,11 +40,13 @@ def plot_series(
     ylabel: str,
     title: str = "",
     groups: dict[str, str] | None = None,
+    xticks: list[tuple[float, str]] | None = None,
 ) -> None:
     """Several named lines on one panel, with a legend (e.g. each run's kNN against time).
 
     `groups` maps a line's name to a legend entry: lines of one group (the seeds of one recipe)
-    share a colour and one legend line. By default every line is its own group.
+    share a colour and one legend line. By default every line is its own group. `xticks`:
+    (x, label) pairs to name on the x axis instead of five numeric ticks.
     """
     groups = groups or {name: name for name in series}
     labels = list(dict.fromkeys(groups[name] for name in series))
@@ -53,7 +56,7 @@ def plot_series(
     font = _font(12)
     draw.text((8, 4), title, fill="black", font=font)
     lines = [(points, color[groups[name]]) for name, points in series.items()]
-    _panel(draw, font, (0, 24), lines, ylabel, xlabel, width=2 * PANEL_W)
+    _panel(draw, font, (0, 24), lines, ylabel, xlabel, width=2 * PANEL_W, xticks=xticks)
     for i, label in enumerate(labels):
         y = PANEL_H + 24 + 16 * i
         draw.line([MARGIN, y + 7, MARGIN + 24, y + 7], fill=color[label], width=3)
@@ -69,8 +72,9 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
-def _panel(draw, font, origin, lines, ylabel, xlabel, width=PANEL_W) -> None:  # noqa: ANN001
-    """Axes with ticks and one polyline per (points, colour) in `lines`, on shared scales."""
+def _panel(draw, font, origin, lines, ylabel, xlabel, width=PANEL_W, xticks=None) -> None:  # noqa: ANN001
+    """Axes with ticks and one polyline per (points, colour) in `lines`, on shared scales;
+    `xticks`: (x, label) pairs instead of five numeric x ticks, in two rows when crowded."""
     x0, y0 = origin[0] + MARGIN, origin[1] + 8
     w, h = width - MARGIN - 16, PANEL_H - MARGIN - 8
     draw.rectangle([x0, y0, x0 + w, y0 + h], outline="#888888")
@@ -96,14 +100,40 @@ def _panel(draw, font, origin, lines, ylabel, xlabel, width=PANEL_W) -> None:  #
         _, py = to_pixel(x_lo, value)
         draw.line([x0 - 3, py, x0, py], fill="#888888")
         draw.text((origin[0] + 2, py - 6), f"{value:.3g}", fill="black", font=font)
-    for i in range(5):  # x ticks
-        value = x_lo + (x_hi - x_lo) * i / 4
+    if xticks is None:
+        xticks = [(x_lo + (x_hi - x_lo) * i / 4, None) for i in range(5)]
+    crowded = any(draw.textlength(t or "", font=font) > w / len(xticks) for _, t in xticks)
+    for i, (value, text) in enumerate(xticks):  # x ticks
         px, _ = to_pixel(value, y_lo)
         draw.line([px, y0 + h, px, y0 + h + 3], fill="#888888")
-        draw.text((px - 8, y0 + h + 4), f"{value:.3g}", fill="black", font=font)
+        if text is None:
+            draw.text((px - 8, y0 + h + 4), f"{value:.3g}", fill="black", font=font)
+        else:
+            row = 13 * (i % 2) if crowded else 0
+            length = draw.textlength(text, font=font)  # centred, kept inside the panel
+            left = min(max(px - length / 2, origin[0] + 2), origin[0] + width - length - 2)
+            draw.text((left, y0 + h + 4 + row), text, fill="black", font=font)
     for line, color in lines:
         pixels = [to_pixel(x, y) for x, y in line]
         if len(pixels) > 1:
             draw.line(pixels, fill=color, width=2)
         for px, py in pixels if len(pixels) < 40 else []:
             draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=color)
+
+
+def plot_stages(
+    results: dict[str, list[tuple[str, float]]],
+    order: list[str],
+    path: Path,
+    ylabel: str = "linear top-1 (%)",
+    title: str = "",
+) -> None:
+    """Probe accuracy against network stage, one line per run ({label: [(stage, accuracy)]}).
+
+    x is a stage's place in `order` (eval.stages.stage_order), named on the axis, so runs with
+    different stages (ResNet or ViT, projectors of 2 or 3 layers) share one axis.
+    """
+    place = {stage: i for i, stage in enumerate(order)}
+    series = {label: [(place[s], v) for s, v in points] for label, points in results.items()}
+    ticks = [(float(i), stage) for i, stage in enumerate(order)]
+    plot_series(series, path, "", ylabel, title, xticks=ticks)

@@ -3,10 +3,13 @@
 <run>/config.yaml          resolved config (every default written out)
 <run>/data.json            input channels/size, normalisation and classes the model was built for
 <run>/metrics.jsonl        one JSON object per logged step, kNN monitor and evaluation
-<run>/checkpoints/last.pt  method, optimizer, data order and RNG state (atomic)
+<run>/checkpoints/last.pt  method, optimizer, data order and RNG state (atomic, with its SHA-256;
+                           previous.pt: the one before, used when last.pt is damaged)
 <run>/curves.png           loss and kNN curves
 <run>/init/, <run>/teacher/  config.yaml and data.json of the runs train.init / train.teacher
                            named (fine-tuning, distillation): the run rebuilds without them
+<run>/labelled.json        train.label_fraction's class-balanced subset (semi-supervised)
+<run>/eval.json, stats.json, stages.json, gradients.json   what the evaluations measured
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import yaml
 
 from selfsup.build import FROM_RUNS, build_method, build_views, copy_run_files, read_run_files
 from selfsup.config import Config
-from selfsup.files import load_checkpoint, read_metrics
+from selfsup.files import load_checkpoint, load_weights, previous_checkpoint, read_metrics
 from selfsup.methods.base import Method
 
 
@@ -73,14 +76,20 @@ class Run:
     def metrics(self) -> list[dict[str, Any]]:
         return read_metrics(self.metrics_path)
 
+    @property
+    def has_checkpoint(self) -> bool:
+        """Whether a checkpoint was saved (last.pt, or previous.pt when last.pt is lost)."""
+        return self.checkpoint_path.is_file() or previous_checkpoint(self.checkpoint_path).is_file()
+
     def checkpoint(self) -> dict[str, Any]:
+        """The last good checkpoint, verified (files.load_checkpoint)."""
         return load_checkpoint(self.checkpoint_path)
 
     @cached_property
     def method(self) -> Method:
         """The trained method (CPU, eval mode) with the weights of the last checkpoint."""
         method = build_method(self.config, self.info, self.path)
-        method.load_state_dict(self.checkpoint()["method"])
+        load_weights(method, self.checkpoint_path)
         return method.eval()
 
     @property

@@ -41,6 +41,16 @@ class ImageData:
                 raise ValueError(
                     f"labels must be ({len(self.images)},), got {tuple(self.labels.shape)}"
                 )
+            # -1 marks an unlabelled image in a partly labelled split (STL-10 train+unlabeled)
+            limit = len(self.classes) if self.classes is not None else None
+            bad = (self.labels < -1) | (self.labels >= limit if limit else False)
+            if bad.any():
+                first = int(bad.nonzero()[0, 0])
+                allowed = f"0..{limit - 1}" if limit else "0 or more"
+                raise ValueError(
+                    f"labels must be class ids {allowed}; image {first} has label "
+                    f"{int(self.labels[first])}: renumber the classes from 0"
+                )
 
     def __len__(self) -> int:
         return len(self.images)
@@ -256,6 +266,52 @@ def stl10(split: str = "train", root: str | None = None) -> ImageData:
     classes = names_file.read_text().split() if names_file.is_file() else list(STL10_CLASSES)
     images = images[0] if len(images) == 1 else np.concatenate(images)
     return image_data(images, np.concatenate(labels), classes)
+
+
+DIGITS_SIZE = 28  # MNIST's side, so a digits split can stand in for MNIST-sized data
+DIGITS_TEST_FRACTION = 0.2  # per class, rounded: 1,438 train / 359 test of 1,797
+DIGITS_SPLIT_SEED = 0  # fixed, so that every run is evaluated on the same test images
+
+
+@DATASETS.register("digits")
+def digits(split: str = "train", root: str | None = None) -> ImageData:
+    """scikit-learn's 8x8 handwritten digits (the UCI optdigits test set; Alpaydin & Kaynak 1998),
+    upsampled to 28x28: 1,797 grayscale images, 10 classes, split 1,438 train / 359 test.
+
+    Each 8x8 pixel counts the ink of a 4x4 block of a 32x32 bitmap (integers 0..16); it is
+    scaled to 0..255 and upsampled bilinearly (align_corners=False, the same filter as the eval
+    transform's resize; antialias only matters when shrinking). Bilinear interpolates between
+    neighbours, so values stay within 0..255, where bicubic overshoots and draws dark rings
+    around strokes. The digit fills the whole image (MNIST's sits in a 20x20 box). The split is
+    fixed: per class, a seeded permutation puts round(0.2 n_c) images in test. scikit-learn (the
+    optional extra `digits`) reads them from a file inside its own wheel: nothing is downloaded.
+    `root` is ignored.
+    """
+    check_split("digits", split)
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as error:
+        # FileNotFoundError as for every missing dataset: the images ship with scikit-learn.
+        raise FileNotFoundError(
+            "dataset 'digits' is read by scikit-learn, which is not installed; install it with "
+            "pip install 'selfsup[digits]' (or pip install scikit-learn)"
+        ) from error
+    bunch = load_digits()
+    small = torch.from_numpy(bunch.images).float()[:, None] / 16  # (1797, 1, 8, 8) in [0, 1]
+    large = torch.nn.functional.interpolate(
+        small, size=DIGITS_SIZE, mode="bilinear", align_corners=False, antialias=False
+    )
+    images = large.mul_(255).round_().to(torch.uint8)
+    labels = bunch.target.astype(np.int64)
+    rng = np.random.default_rng(DIGITS_SPLIT_SEED)
+    in_test = np.zeros(len(labels), dtype=bool)
+    for label in range(10):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        in_test[members[: round(DIGITS_TEST_FRACTION * len(members))]] = True
+    keep = in_test if split == "test" else ~in_test
+    return ImageData(
+        images[torch.from_numpy(keep)], torch.from_numpy(labels[keep]), [str(d) for d in range(10)]
+    )
 
 
 def split_path(name: str, root: str | None, split: str, suffix: str = "") -> Path:

@@ -6,13 +6,18 @@ problem. Finding files and naming classes is `datasets.py`'s job.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import pickle
+import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+# What PIL raises for a file it cannot decode: UnidentifiedImageError (an OSError) for a zero-byte
+# or non-image file, OSError for a truncated one, SyntaxError / ValueError for broken headers.
+UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 # IDX type codes (third magic byte) -> big-endian dtype, http://yann.lecun.com/exdb/mnist/
@@ -210,26 +215,43 @@ def read_image_folder(
         gray = {"1", "L", "LA", "I", "I;16", "F"}
         modes = set()
         for f in files:
-            with Image.open(f) as image:
-                modes.add(image.mode)
+            with contextlib.suppress(*UNREADABLE), Image.open(f) as image:
+                modes.add(image.mode)  # an unreadable file is skipped below, where it is counted
         mode = "L" if modes <= gray else "RGB"
     elif channels in (1, 3):
         mode = "L" if channels == 1 else "RGB"
     else:
         raise ValueError(f"channels must be 1, 3 or None (automatic), got {channels}")
 
-    first = load_image(files[0], mode, size)
-    images = np.empty((len(files), *first.shape), np.uint8)
-    images[0] = first
-    for i, f in enumerate(files[1:], start=1):
-        image = load_image(f, mode, size)
-        if image.shape != first.shape:
+    images, first, readable, skipped = None, None, np.zeros(len(files), bool), []
+    for i, f in enumerate(files):
+        try:
+            image = load_image(f, mode, size)
+        except UNREADABLE as error:
+            skipped.append(f"{f.relative_to(root)} ({type(error).__name__}: {error})")
+            continue
+        if images is None:
+            images, first = np.empty((len(files), *image.shape), np.uint8), f
+        elif image.shape != images.shape[1:]:
             raise ValueError(
-                f"images in {root} differ in size: {files[0].name} is {first.shape[2]}x"
-                f"{first.shape[1]} but {f.relative_to(root)} is {image.shape[2]}x{image.shape[1]}; "
-                "pass size=N to resize every image (shorter side to N, centre crop to N x N)"
+                f"images in {root} differ in size: {first.relative_to(root)} is "
+                f"{images.shape[3]}x{images.shape[2]} but {f.relative_to(root)} is "
+                f"{image.shape[2]}x{image.shape[1]}; pass size=N to resize every image (shorter "
+                "side to N, centre crop to N x N)"
             )
-        images[i] = image
+        images[i], readable[i] = image, True
+    if images is None:
+        raise ValueError(
+            f"none of the {len(files)} image files in {root} can be read, e.g. {skipped[0]}"
+        )
+    if skipped:
+        print(
+            f"selfsup: warning: skipped {len(skipped)} of {len(files)} image files in {root} "
+            f"that cannot be read (corrupt, truncated or not images), e.g. {skipped[0]}",
+            file=sys.stderr,
+        )
+        images = images[readable]
+        labels = labels[readable] if labels is not None else None
     return images, labels, classes
 
 
@@ -287,7 +309,23 @@ def read_npz(
             to_nchw(arrays[image_key], f"{path}[{image_key}]"), f"{path}[{image_key}]"
         )
         label_key = next((k for k in label_keys if k in arrays), None)
-        labels = None if label_key is None else arrays[label_key].astype(np.int64).reshape(-1)
+        labels = None if label_key is None else arrays[label_key].reshape(-1)
+    if labels is not None:
+        whole = np.issubdtype(labels.dtype, np.integer) or (
+            np.issubdtype(labels.dtype, np.floating) and np.all(np.mod(labels, 1) == 0)
+        )
+        if not whole:
+            raise ValueError(
+                f"{path}[{label_key}]: labels must be integer class ids, got {labels.dtype} "
+                f"values such as {labels[:3].tolist()}"
+            )
+        labels = labels.astype(np.int64)
+        if len(labels) and labels.min() < 0:
+            first = int(np.argmax(labels < 0))
+            raise ValueError(
+                f"{path}[{label_key}]: labels must be class ids from 0; image {first} has label "
+                f"{labels[first]} (leave out the labels array for unlabelled images)"
+            )
     if labels is not None and len(labels) != len(images):
         raise ValueError(f"{path}: {len(images)} images but {len(labels)} labels")
     return np.ascontiguousarray(images), labels

@@ -1,0 +1,263 @@
+"""Bad input through the real command line, as a new user would give it: every case runs
+`python -m selfsup ...` in a subprocess (a time and memory limit catch a runaway process) and is
+classified by what the user sees. Writes the table of docs/hostile_input.md.
+
+    python scripts/hostile_inputs.py                  # prints the markdown table
+    python scripts/hostile_inputs.py -o docs/hostile_input.md
+
+Outcomes: "clear error" (exit 2, one line naming the problem, no traceback), "accepted" (exit 0;
+the expected outcome where the input is valid, e.g. mixed image modes), "skipped and counted"
+(exit 0 with a warning that counts unreadable images), and the failures this exists to find:
+"traceback", "wrongly accepted", "runaway" (killed at the time or memory limit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+TIMEOUT_S = 120
+MEMORY_BYTES = 6 * 2**30
+TINY = [
+    "views.size=16", "backbone.width=0.125", "optim.batch_size=16", "train.max_steps=2",
+    "train.progress=false",
+    "train.knn_every=0", "eval.monitor_train=40", "eval.monitor_test=20",
+    "eval.linear_epochs=5", "method.hidden=32", "method.dim=16",
+]  # fmt: skip
+
+
+@dataclass
+class Case:
+    group: str
+    what: str
+    args: list[str]
+    expect: str  # "error", "accept" or "skip"
+
+
+def _limit_memory() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_BYTES, MEMORY_BYTES))
+
+
+def run_case(case: Case, cwd: Path) -> tuple[str, str]:
+    """(outcome, what the user saw: the last stderr line)."""
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "selfsup", *case.args],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT_S,
+            preexec_fn=_limit_memory,
+            env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        )
+    except subprocess.TimeoutExpired:
+        return "runaway", f"still running after {TIMEOUT_S} s"
+    lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+    shown = lines[-1] if lines else ""
+    if "Traceback" in done.stderr or done.returncode not in (0, 2):
+        return ("runaway" if "MemoryError" in done.stderr else "traceback"), shown
+    if done.returncode == 2:
+        return "clear error", shown
+    if case.expect == "skip" and "skipped" in done.stderr:
+        return "skipped and counted", next(line for line in lines if "skipped" in line)
+    return ("accepted" if case.expect != "error" else "wrongly accepted"), shown
+
+
+def _checkpoints(root: Path, run: Path, other: Path) -> dict[str, Path]:
+    """Bad checkpoint files, each in a copy of `run` whose last.pt it replaces."""
+    good = run / "checkpoints" / "last.pt"
+    data = good.read_bytes()
+    torch.save({"conv1.weight": torch.zeros(2)}, root / "exported.pt")
+    torch.save(torch.zeros(3), root / "tensor.pt")
+    torch.save({"method": {}, "step": 0, "x": argparse.Namespace()}, root / "pickle.pt")
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0xFF
+    contents = {
+        "a zero-byte file": b"",
+        "a truncated file": data[: len(data) // 2],
+        "random bytes": np.random.default_rng(0).bytes(4096),
+        "a flipped byte (no previous checkpoint)": bytes(flipped),
+        "a pickle that weights-only loading refuses": (root / "pickle.pt").read_bytes(),
+        "weights from `selfsup export`": (root / "exported.pt").read_bytes(),
+        "a plain tensor": (root / "tensor.pt").read_bytes(),
+        "the checkpoint of another method's run": (other / "checkpoints/last.pt").read_bytes(),
+    }
+    runs = {}
+    for i, (what, content) in enumerate(contents.items()):
+        copy = root / f"bad-ckpt-{i}"
+        shutil.copytree(run, copy)
+        (copy / "checkpoints" / "previous.pt").unlink(missing_ok=True)
+        (copy / "checkpoints" / "last.pt").write_bytes(content)
+        runs[what] = copy
+    return runs
+
+
+def _png(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def _image_folders(root: Path) -> dict[str, Path]:
+    rng = np.random.default_rng(0)
+
+    def folder(name: str) -> Path:
+        path = root / name
+        for cls in ("a", "b"):
+            for i in range(12):
+                _png(path / cls / f"{i}.png", rng.integers(0, 255, (16, 16), np.uint8))
+        return path
+
+    corrupt, empty_png, text_png = folder("corrupt"), folder("empty_png"), folder("text_png")
+    data = (corrupt / "a" / "0.png").read_bytes()
+    (corrupt / "a" / "truncated.png").write_bytes(data[: len(data) // 2])
+    (empty_png / "b" / "zero.png").write_bytes(b"")
+    (text_png / "b" / "notes.png").write_text("this is text")
+    only_bad = root / "only_bad" / "a"
+    only_bad.mkdir(parents=True)
+    (only_bad / "x.png").write_bytes(b"")
+    (root / "empty").mkdir()
+    mixed = folder("mixed_modes")
+    _png(mixed / "a" / "rgb.png", rng.integers(0, 255, (16, 16, 3), np.uint8))
+    _png(mixed / "b" / "rgba.png", rng.integers(0, 255, (16, 16, 4), np.uint8))
+    sizes = folder("mixed_sizes")
+    _png(sizes / "a" / "big.png", rng.integers(0, 255, (24, 20), np.uint8))
+    one = root / "one_class"
+    for i in range(20):
+        _png(one / "only" / f"{i}.png", rng.integers(0, 255, (16, 16), np.uint8))
+    return {
+        "a truncated image among good ones": corrupt,
+        "a zero-byte .png among good ones": empty_png,
+        "a text file named .png among good ones": text_png,
+        "only unreadable images": root / "only_bad",
+        "no images at all": root / "empty",
+        "RGB, RGBA and grayscale images mixed": mixed,
+        "images of different sizes (no data.size)": sizes,
+        "one class only": one,
+        "a path that does not exist": root / "nowhere",
+    }
+
+
+def _npz(root: Path) -> dict[str, Path]:
+    images = np.zeros((40, 16, 16), np.uint8)
+    arrays = {
+        "images of shape (N, 5)": {"images": np.zeros((10, 5), np.uint8)},
+        "40 images, 30 labels": {"images": images, "labels": np.zeros(30, int)},
+        "a negative label": {"images": images, "labels": np.r_[np.arange(39) % 4, -3]},
+        "fractional labels": {"images": images, "labels": np.linspace(0, 1, 40)},
+        "pixels of -5..300": {"images": np.linspace(-5, 300, 40 * 256).reshape(40, 16, 16)},
+        "no images array": {"x_train": images},
+    }
+    paths = {}
+    for i, (what, content) in enumerate(arrays.items()):
+        paths[what] = root / f"bad{i}.npz"
+        np.savez(paths[what], **content)
+    return paths
+
+
+def cases(root: Path) -> list[Case]:
+    out = str(root / "runs")
+    train = ["train", "simclr/fashion_mnist", *TINY, f"train.out_dir={out}"]
+    synthetic = ["data.name=synthetic", "data.per_class=8", "data.size=16"]
+    subprocess.run(
+        [sys.executable, "-m", "selfsup", *train, *synthetic, "train.name=good",
+         "train.max_steps=4"],
+        check=True, capture_output=True, cwd=root,
+    )  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "selfsup", "train", "byol/fashion_mnist", *TINY, *synthetic,
+         f"train.out_dir={out}", "train.name=other"],
+        check=True, capture_output=True, cwd=root,
+    )  # fmt: skip
+    good = root / "runs" / "good"
+    found: list[Case] = []
+    for what, run in _checkpoints(root, good, root / "runs" / "other").items():
+        for command in (["train", "--resume"], ["eval", "knn"], ["export"]):
+            found.append(Case("checkpoint", f"{what}: {' '.join(command)}", [*command, str(run)],
+                              "error"))  # fmt: skip
+        found.append(Case("checkpoint", f"{what}: embed",
+                          ["embed", str(run), "synthetic:test", "-o", str(root / "f.npy")],
+                          "error"))  # fmt: skip
+    recipes = {
+        "a YAML syntax error": "method: {name: simclr\noptim: [\n",
+        "a !!python/object tag": "method: !!python/object/apply:os.system ['true']\n",
+        "a list, not a mapping": "- method\n- optim\n",
+        "batch size -32": "method: {name: simclr}\nbackbone: {name: resnet18}\n"
+        "data: {name: fashion_mnist}\nviews: {name: simclr}\noptim: {batch_size: -32}\n",
+    }
+    for i, (what, text) in enumerate(recipes.items()):
+        path = root / f"recipe{i}.yaml"
+        path.write_text(text)
+        found.append(Case("recipe", what, ["train", str(path)], "error"))
+    overrides = {
+        "optim.batch_size=0": "error", "optim.batch_size=-4": "error",
+        "optim.batch_size=2.5": "error", "method.temperature=0": "error",
+        "method.temperature=-0.5": "error", "train.epochs=-3": "error",
+        "train.epochs=abc": "error", "optim.lr=-1": "error", "backbone.width=0": "error",
+        "views.blur_p=2": "error", "method.name=0": "error", "method.name=simclrr": "error",
+        "optim.learning_rate=0.1": "error", "nonsense.key=1": "error",
+        "train.name=[unclosed": "error", "data.per_class=1": "error",
+    }  # fmt: skip
+    for override, expect in overrides.items():
+        found.append(Case("override", override, [*train, *synthetic, override], expect))
+    for what, path in _npz(root).items():
+        found.append(Case("npz", what, [*train, "data.name=npz", f"data.root={path}"], "error"))
+    for what, path in _image_folders(root).items():
+        expect = {"RGB, RGBA and grayscale images mixed": "accept", "one class only": "accept"}
+        expect = expect.get(what, "skip" if "among good" in what else "error")
+        folder = [*train, "data.name=image_folder", f"data.root={path}"]
+        found.append(Case("image folder", f"train on {what}", folder, expect))
+        embed = ["embed", str(good), str(path), "-o", str(root / "e.npy")]
+        found.append(Case("image folder", f"embed {what}", embed, expect))
+    not_run = root / "not_a_run"
+    not_run.mkdir()
+    broken = root / "broken_config"
+    shutil.copytree(good, broken)
+    (broken / "config.yaml").write_text("method: {name: simclr\n")
+    no_info = root / "no_data_json"
+    shutil.copytree(good, no_info)
+    (no_info / "data.json").unlink()
+    for what, path in {"a folder that is not a run": not_run,
+                       "a run whose config.yaml is broken": broken,
+                       "a run without data.json": no_info}.items():  # fmt: skip
+        for command in (["eval", "knn"], ["train", "--resume"]):
+            found.append(Case("run folder", f"{what}: {' '.join(command)}", [*command, str(path)],
+                              "error"))  # fmt: skip
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-o", "--output", help="write the markdown table here")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        rows, counts = [], {}
+        for case in cases(root):
+            outcome, shown = run_case(case, root)
+            counts[outcome] = counts.get(outcome, 0) + 1
+            shown = shown.replace(tmp, "…").replace("|", "\\|")
+            rows.append(f"| {case.group} | {case.what} | {outcome} | {shown[:220]} |")
+            print(rows[-1], file=sys.stderr, flush=True)
+    summary = ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items()))
+    table = "\n".join(
+        [f"{len(rows)} inputs: {summary}.", "", "| input | case | outcome | what the user sees |",
+         "|---|---|---|---|", *rows]
+    )  # fmt: skip
+    if args.output:
+        Path(args.output).write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
