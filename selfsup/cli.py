@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("protocol", choices=["knn", "linear", "classify", "all"])
     p.add_argument("run_dir")
     p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--data", metavar="NAME", help="transfer: probe on this dataset's train/test (e.g. digits)"
+    )
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("embed", help="write encoder features of images or a dataset to .npy")
@@ -76,6 +79,68 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("-o", "--output", help="output file (default RUN_DIR/encoder.pt)")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("stats", help="feature statistics of a run's encoder on a split")
+    p.add_argument("run_dir")
+    p.add_argument("--split", default="test", help="dataset split (default: test)")
+    p.add_argument(
+        "--classes", help="class ids of the pre-training set, e.g. 0,1,2,3,4: distance to the rest"
+    )
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_stats)
+
+    p = sub.add_parser("stages", help="probe every encoder stage and projector layer of runs")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--data", metavar="NAME", help="transfer: probe on this dataset (e.g. digits)")
+    p.add_argument("--knn", action="store_true", help="a kNN probe per stage too")
+    p.add_argument("--chart", help="PNG of linear top-1 per stage (default RUN_DIR/stages.png)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_stages)
+
+    p = sub.add_parser(
+        "gradients", help="split runs' loss gradients into positive and negative parts (UniGrad)"
+    )
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="runs, shown side by side")
+    p.add_argument("--batches", type=int, default=4, help="seeded training batches per run")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_gradients)
+
+    p = sub.add_parser("report", help="one self-contained HTML page about runs (figures inside)")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("-o", "--output", default="report.html", help="(default: report.html)")
+    p.add_argument("--map-images", type=int, default=1000, help="test images mapped (1000)")
+    p.add_argument("--bank-images", type=int, default=2000, help="train images searched (2000)")
+    p.add_argument("--queries", type=int, default=6, help="test images retrieved for (6)")
+    p.add_argument("--neighbours", type=int, default=8, help="train images per query (8)")
+    p.add_argument("--seed", type=int, default=0, help="of the image subsets and t-SNE (0)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_report)
+
+    p = sub.add_parser(
+        "gap", help="semantic gap: pre-train on some classes at several sizes, probe the others"
+    )
+    p.add_argument("recipe", help="the self-supervised recipe (name or YAML path)")
+    p.add_argument(
+        "--pre-classes", required=True, help="class ids of pre-D, e.g. 0,1,2,3,4 (eval-D: the rest)"
+    )
+    p.add_argument(
+        "--sizes", type=float, nargs="+", default=[0.1, 0.3, 1.0], help="fractions of pre-D"
+    )
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=float, help="pre-training epochs of each run")
+    length.add_argument("--minutes", type=float, help="or a time budget for each run")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--supervised", help="supervised recipe (default: supervised/<dataset>)")
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="for the recipe (train.*, eval.*: for the supervised baseline too)",
+    )
+    p.add_argument("--out", default="runs/gap", help="runs and table (reused)")
+    p.add_argument("--device", default="auto", help="for the probes")
+    p.set_defaults(func=_gap)
 
     p = sub.add_parser("recipes", help="list the recipes")
     p.set_defaults(func=_recipes)
@@ -134,11 +199,9 @@ def _eval(args: argparse.Namespace) -> int:
 
     protocols = [args.protocol]
     if args.protocol == "all":  # and the classifier's own accuracy where there is one
-        protocols = [
-            *PROTOCOLS,
-            *([CLASSIFY] if hasattr(Run(args.run_dir).method, "classify") else []),
-        ]
-    results = evaluate(args.run_dir, protocols, device=args.device)
+        own_classes = args.data is None and hasattr(Run(args.run_dir).method, "classify")
+        protocols = [*PROTOCOLS, *([CLASSIFY] if own_classes else [])]
+    results = evaluate(args.run_dir, protocols, device=args.device, data=args.data)
     for key, value in results.items():
         shown = f"{value:g}" if key.endswith("weight_decay") else f"{value:6.2f}"
         print(f"{key:20s} {shown}")
@@ -228,6 +291,72 @@ def _demo(args: argparse.Namespace) -> int:
         f"\ntime: pre-training {format_duration(trained - began)}, evaluation "
         f"{format_duration(done - trained)}; run folder: {run.path}"
     )
+    return 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from selfsup.eval.analysis import feature_statistics, parse_classes
+
+    classes = parse_classes(args.classes) if args.classes is not None else None
+    results = feature_statistics(args.run_dir, args.split, classes, device=args.device)
+    for key, value in results.items():
+        print(f"{key:22s} {value:.6g}")
+    return 0
+
+
+def _stages(args: argparse.Namespace) -> int:
+    from selfsup.eval.stages import compare_stages
+
+    protocols = ["linear", "knn"] if args.knn else ["linear"]
+    tables, chart = compare_stages(args.run_dirs, args.data, protocols, args.device, args.chart)
+    print(tables)
+    print(f"chart: {chart}")
+    return 0
+
+
+def _gradients(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from selfsup.eval.gradients import format_table, gradient_decomposition
+
+    names = [Path(run_dir).name for run_dir in args.run_dirs]
+    if len(set(names)) < len(names):  # folders of one name in different places: full paths
+        names = list(args.run_dirs)
+    results = {
+        name: gradient_decomposition(run_dir, args.batches, args.device)
+        for name, run_dir in zip(names, args.run_dirs, strict=True)
+    }
+    print(format_table(results))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from selfsup.report import Settings, write_report
+
+    settings = Settings(
+        args.map_images, args.bank_images, args.queries, args.neighbours, args.seed, args.device
+    )
+    print(f"report: {write_report(args.run_dirs, args.output, settings)}")
+    return 0
+
+
+def _gap(args: argparse.Namespace) -> int:
+    from selfsup.eval.gap import markdown, parse_classes, semantic_gap
+
+    table = semantic_gap(
+        args.recipe,
+        parse_classes(args.pre_classes),
+        args.sizes,
+        args.epochs,
+        args.minutes,
+        args.seed,
+        args.supervised,
+        args.set,
+        args.out,
+        args.device,
+    )
+    print(markdown(table))
+    print(f"\ntable: {args.out}/gap.md (.json)")
     return 0
 
 

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import datetime
+import os
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as torch_dist
@@ -19,6 +24,88 @@ def rank() -> int:
 
 def world_size() -> int:
     return torch_dist.get_world_size() if is_distributed() else 1
+
+
+T = TypeVar("T")
+# How long a collective waits for a missing process before it raises instead of hanging: longer
+# than rank 0's slowest solo work (a kNN monitor pass, a checkpoint), shorter than a lost night.
+TIMEOUT = datetime.timedelta(minutes=15)
+
+
+@contextmanager
+def process_group_from_env() -> Iterator[None]:
+    """Join the process group that torchrun describes (WORLD_SIZE > 1 in the environment) for
+    the duration of the block, and leave it afterwards, also on errors.
+
+    Collectives on CPU tensors go through gloo and on CUDA tensors through NCCL; a process that
+    stops answering makes the others raise after `TIMEOUT` instead of waiting forever (torchrun
+    itself also ends the other processes when one fails). Nothing happens on one process, or when
+    the caller has already joined a group (tests).
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or is_distributed():
+        yield
+        return
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    torch_dist.init_process_group(backend, timeout=TIMEOUT)
+    try:
+        yield
+    finally:
+        torch_dist.destroy_process_group()
+
+
+def local_device(device: torch.device) -> torch.device:
+    """`device` for this process: on several processes CUDA means cuda:LOCAL_RANK (one GPU each)."""
+    if device.type != "cuda" or world_size() == 1:
+        return device
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(device)  # NCCL's object collectives use the current device
+    return device
+
+
+def from_rank0(make: Callable[[], T]) -> T:
+    """`make()` run on rank 0 only, its result returned on every process: one run folder name,
+    one decision. An exception on rank 0 is raised there and, with its message, on every other
+    process, so that no process waits for a partner that has stopped."""
+    if world_size() == 1:
+        return make()
+    box: list[Any] = [None]
+    failure = None
+    if rank() == 0:
+        try:
+            box = [(True, make())]
+        except Exception as error:  # noqa: BLE001  (its text goes to the others, then re-raised)
+            failure, box = error, [(False, (type(error), str(error)))]
+    torch_dist.broadcast_object_list(box, src=0)
+    ok, value = box[0]
+    if failure is not None:
+        raise failure
+    if not ok:
+        kind, message = value
+        try:  # the same kind of error, so that the CLI prints one line on every process
+            error = kind(message)
+        except TypeError:  # an exception with other constructor arguments
+            error = RuntimeError(f"rank 0 failed: {kind.__name__}: {message}")
+        raise error
+    return value
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        torch_dist.barrier()
+
+
+def mean(x: Tensor) -> Tensor:
+    """The mean of `x` over all processes (the logged scalars of one global step), no gradient."""
+    return x if world_size() == 1 else all_reduce(x) / world_size()
+
+
+def maximum(value: float) -> float:
+    """The largest `value` of all processes (the slowest step time decides a shared budget)."""
+    if world_size() == 1:
+        return value
+    x = torch.tensor([value], dtype=torch.float64)
+    torch_dist.all_reduce(x, op=torch_dist.ReduceOp.MAX)
+    return x.item()
 
 
 def gather_nograd(x: Tensor) -> Tensor:
@@ -91,3 +178,131 @@ def all_reduce(x: Tensor) -> Tensor:
     total = x.detach().clone()
     torch_dist.all_reduce(total)
     return total
+
+
+def data_parallel(method: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """`method` wrapped in DistributedDataParallel on several processes (itself on one): its
+    forward runs as before and backward averages the gradients over the processes.
+
+    Each process computes its loss on its 1/W of the global batch, or on the gathered global batch
+    (`gather`'s backward then sums); either way the average is the one-process gradient of the
+    global batch.
+    broadcast_buffers=False: queues, memory banks and DINO's centre are filled from gathered or
+    all-reduced tensors, so they are equal on every process without sending them each step (MoCo's
+    65536-key queue would be); BN running statistics stay per process and rank 0's are saved.
+    static_graph=True: the trainable parameters that a method's loss uses are the same at every
+    step, but not always all of them (CPC's predictors for offsets beyond a small patch grid);
+    DDP learns the set in the first step, where find_unused_parameters=True would search the
+    autograd graph at every step. Frozen parts (EMA targets, teachers) have requires_grad False.
+    """
+    if world_size() == 1:
+        return method
+    device_ids = [device.index] if device.type == "cuda" else None
+    with warnings.catch_warnings():  # torch 2.13 renames it; the old name works from 2.3 on
+        warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated", FutureWarning)
+        return torch.nn.parallel.DistributedDataParallel(
+            method, device_ids=device_ids, broadcast_buffers=False, static_graph=True
+        )
+
+
+def _global_moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per channel of x (N, C, ...): the mean and the biased variance over all rows of all
+    processes, and their number M; float64, since Σx²/M − μ² cancels badly in float32."""
+    x = x.detach().double()
+    dims = [d for d in range(x.dim()) if d != 1]
+    count = torch.full((1,), x.numel() // x.shape[1], dtype=torch.float64, device=x.device)
+    sums = torch.cat([x.sum(dims), x.square().sum(dims), count])
+    torch_dist.all_reduce(sums)
+    channels = x.shape[1]
+    total = sums[-1]
+    mean = sums[:channels] / total
+    var = (sums[channels : 2 * channels] / total - mean.square()).clamp(min=0)
+    return mean, var, total
+
+
+class _SyncBatchNorm(torch.autograd.Function):
+    """Batch norm of x (N, C, ...) with the statistics of every process's rows (ours for gloo:
+    torch's SyncBatchNorm runs only on CUDA). Per channel over all M rows of all processes:
+        μ = Σx / M,  σ² = Σx² / M − μ²,  x̂ = (x − μ) / sqrt(σ² + ε),  y = γ x̂ + β
+    and, with g = ∂L/∂y where L is the sum of all processes' losses (DDP then averages),
+        ∂L/∂x = γ / sqrt(σ² + ε) · (g − Σg / M − x̂ · Σ(g x̂) / M)
+    whose two sums run over all processes, as torch's batch_norm_backward_elemt.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, invstd, total):  # noqa: ANN001, ANN205
+        ctx.shape = [1, -1] + [1] * (x.dim() - 2)
+        ctx.dims = [d for d in range(x.dim()) if d != 1]
+        x_hat = (x - mean.view(ctx.shape)) * invstd.view(ctx.shape)
+        ctx.save_for_backward(x_hat, invstd, weight)
+        ctx.total = total
+        if weight is None:
+            return x_hat
+        return x_hat * weight.view(ctx.shape) + bias.view(ctx.shape)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        x_hat, invstd, weight = ctx.saved_tensors
+        shape, dims = ctx.shape, ctx.dims
+        sum_grad, sum_grad_x_hat = grad.sum(dims), (grad * x_hat).sum(dims)
+        # γ and β: this process's rows only; DDP sums (and averages) them over the processes
+        grad_weight = None if weight is None else sum_grad_x_hat.clone()
+        grad_bias = None if weight is None else sum_grad.clone()
+        both = torch.cat([sum_grad, sum_grad_x_hat])
+        torch_dist.all_reduce(both)
+        mean_grad, mean_grad_x_hat = (both / ctx.total.to(grad.dtype)).chunk(2)
+        scale = invstd if weight is None else invstd * weight
+        grad_x = grad - mean_grad.view(shape) - x_hat * mean_grad_x_hat.view(shape)
+        return grad_x * scale.view(shape), grad_weight, grad_bias, None, None, None
+
+
+class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
+    """BatchNorm over the global batch of all processes on CPU (gloo): a drop-in for
+    BatchNorm1d/2d/3d with the same parameters and buffers (checkpoints are unchanged). On one
+    process, or in eval mode, it is exactly torch's batch norm; the running averages take the
+    global statistics (the unbiased variance, as torch)."""
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"SyncBatchNorm needs (N, C, ...) input, got shape {tuple(x.shape)}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or world_size() == 1:
+            return super().forward(x)
+        self._check_input_dim(x)
+        mean, var, total = _global_moments(x)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                momentum = self.momentum
+                if momentum is None:  # torch's cumulative average
+                    momentum = 1 / self.num_batches_tracked.item()
+                unbiased = var * total / (total - 1).clamp(min=1)
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
+        invstd = (var + self.eps).rsqrt().to(x.dtype)
+        return _SyncBatchNorm.apply(x, self.weight, self.bias, mean.to(x.dtype), invstd, total)
+
+
+def sync_batch_norm(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """`module` with every BatchNorm layer replaced by one that normalises over the global batch
+    (train.sync_bn): torch's SyncBatchNorm on CUDA, ours (`SyncBatchNorm`) elsewhere. The new
+    layers hold the same parameter and buffer tensors, so an optimizer built before still steps
+    them and checkpoints keep their keys."""
+    if device.type == "cuda":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(
+        module, SyncBatchNorm
+    ):
+        layer = SyncBatchNorm(
+            module.num_features, module.eps, module.momentum, module.affine,
+            module.track_running_stats,
+        )  # fmt: skip
+        layer.weight, layer.bias = module.weight, module.bias
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            setattr(layer, name, getattr(module, name))
+        layer.train(module.training)
+        return layer
+    for name, child in module.named_children():
+        module.add_module(name, sync_batch_norm(child, device))
+    return module

@@ -24,7 +24,8 @@ FLOORS = [
     # the engine: the loop for every task
     ["selfsup.engine"],
     # what runs on finished runs: evaluation protocols, embedding, export
-    ["selfsup.eval.protocols", "selfsup.compare"],
+    ["selfsup.eval.protocols", "selfsup.eval.stages", "selfsup.eval.gradients",
+     "selfsup.eval.analysis", "selfsup.compare", "selfsup.report", "selfsup.eval.gap"],
     # entry points
     ["selfsup.cli", "selfsup.__main__", "selfsup"],
 ]  # fmt: skip

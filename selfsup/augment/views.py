@@ -54,32 +54,53 @@ class ViewSpec:
         if bad:
             raise ValueError(f"invalid view: {', '.join(bad)}")
 
-    def __call__(self, x: Tensor, generator: torch.Generator, gain: float | None = None) -> Tensor:
-        """x (N, C, H, W) uint8, or float that `gain` scales to [0, 1] -> (N, C, s, s) in [0, 1]."""
+    def __call__(
+        self,
+        x: Tensor,
+        generator: torch.Generator,
+        gain: float | None = None,
+        share: tuple[int, int] = (0, 1),
+    ) -> Tensor:
+        """x (N, C, H, W) uint8, or float that `gain` scales to [0, 1] -> (N, C, s, s) in [0, 1].
+
+        share (rank, world): x is part `rank` of `world` equal parts of one batch; the random
+        parameters are drawn for the whole batch and this part's rows kept, so that the views of
+        every part equal the rows of the views of the whole batch (training on several processes).
+        """
         n, _, height, width = x.shape
+        rank, world = share
+        total, rows = n * world, slice(rank * n, (rank + 1) * n)
         device, size = x.device, self.size or height
         if gain is None:
             gain = 1 / 255 if x.dtype == torch.uint8 else 1.0
         if self.random_crop:
-            boxes = ops.sample_crop_boxes(n, height, width, self.scale, self.ratio, generator)
+            boxes = ops.sample_crop_boxes(total, height, width, self.scale, self.ratio, generator)
+            boxes = boxes[rows]
         else:
             side = min(height, width)
             boxes = torch.tensor([(height - side) // 2, (width - side) // 2, side, side])
             boxes = boxes.expand(n, 4)
-        flip = ops.bernoulli(n, self.flip_p, generator, device) if self.flip_p > 0 else None
+        flip = (
+            ops.bernoulli(total, self.flip_p, generator, device)[rows] if self.flip_p > 0 else None
+        )
         if self.jitter_p > 0:
-            factors = ops.sample_jitter(n, self.jitter, self.jitter_p, generator, device)
+            factors = ops.sample_jitter(total, self.jitter, self.jitter_p, generator, device)
+            factors = tuple(f[rows] for f in factors)
             gain = factors[0] * gain  # brightness is a per-pixel scale: fold it into the crop
         y = ops.resized_crop(x, boxes, size, flip, gain).clamp_(0, 1)
         if self.jitter_p > 0:
             y = ops.adjust_contrast(y, factors[1])
             y = ops.apply_color_matrix(y, ops.color_matrix(factors[2], factors[3]))
+        # the same draws, in the same order, as ops.random_grayscale / _gaussian_blur / _solarize
         if self.grayscale_p > 0:
-            y = ops.random_grayscale(y, self.grayscale_p, generator)
+            y = ops.grayscale(y, ops.bernoulli(total, self.grayscale_p, generator, device)[rows])
         if self.blur_p > 0:
-            y = ops.random_gaussian_blur(y, self.blur_p, generator, self.blur_sigma)
+            apply = ops.bernoulli(total, self.blur_p, generator, device)[rows]
+            sigma = ops.uniform(total, *self.blur_sigma, generator, device)[rows]
+            sigma = torch.where(apply, sigma, torch.zeros_like(sigma))
+            y = ops.gaussian_blur(y, sigma, ops.blur_kernel_size(y.shape[-1]))
         if self.solarize_p > 0:
-            y = ops.random_solarize(y, self.solarize_p, generator)
+            y = ops.solarize(y, ops.bernoulli(total, self.solarize_p, generator, device)[rows])
         return y
 
     def describe(self) -> str:
@@ -123,12 +144,17 @@ class MultiView:
             raise ValueError(f"need one mean and one positive std per channel, got {mean}, {std}")
         self.mean, self.std = [float(m) for m in mean], [float(s) for s in std]
 
-    def __call__(self, x: Tensor, generator: torch.Generator) -> tuple[list[Tensor], list[Tensor]]:
-        """x uint8 (N, C, H, W) -> (large views, small views), each float (N, C, s, s)."""
+    def __call__(
+        self, x: Tensor, generator: torch.Generator, share: tuple[int, int] = (0, 1)
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """x uint8 (N, C, H, W) -> (large views, small views), each float (N, C, s, s).
+
+        share (rank, world): x is one process's part of the global batch (ViewSpec.__call__).
+        """
         gain = 1 / 255 if x.dtype == torch.uint8 else 1.0  # rides in each view's crop matrix
         x = x.float()  # converted once for all views
-        large = [self._finish(spec(x, generator, gain)) for spec in self.large]
-        small = [self._finish(spec(x, generator, gain)) for spec in self.small]
+        large = [self._finish(spec(x, generator, gain, share)) for spec in self.large]
+        small = [self._finish(spec(x, generator, gain, share)) for spec in self.small]
         return large, small
 
     def eval_transform(self, x: Tensor) -> Tensor:

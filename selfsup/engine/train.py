@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch
 import yaml
 from torch import Tensor
 
+import selfsup.dist as dist
 from selfsup.build import (
     build_method,
     build_views,
@@ -27,11 +29,19 @@ from selfsup.build import (
 from selfsup.config import Config, load_config
 from selfsup.data.datasets import ImageData
 from selfsup.data.loader import Batches
+from selfsup.data.subsets import labelled_indices, save_labelled, subset
 from selfsup.engine.collapse import CollapseError, CollapseGuard
 from selfsup.engine.log import ProgressBar
 from selfsup.engine.monitor import KnnMonitor
 from selfsup.engine.optim import Schedule, build_optimizer
-from selfsup.files import MetricsLog, rng_state, save_atomic, set_rng_state
+from selfsup.files import (
+    CheckpointError,
+    MetricsLog,
+    one_line,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from selfsup.methods.base import Method
 from selfsup.plot import plot_curves
 from selfsup.run import Run
@@ -55,7 +65,19 @@ def train(
 
     `config` is a Config, a recipe name (`simclr/fashion_mnist`) or a YAML path; `overrides` are
     dotted `section.key=value` strings (on resume only train.* and eval.* keys may change).
+
+    Under torchrun (WORLD_SIZE > 1) every process trains its 1/W of each global batch
+    (optim.batch_size) with DistributedDataParallel; rank 0 alone writes the run folder, logs,
+    checks and plots. A run resumes on any number of processes.
     """
+    with dist.process_group_from_env():
+        return _train(config, overrides, resume)
+
+
+def _train(
+    config: Config | str | Path | None, overrides: list[str] | None, resume: str | Path | None
+) -> Run:
+    main = dist.rank() == 0  # the process that writes the run folder
     if resume is not None:
         run = Run(resume)
         config = run.config.replace(overrides or [])
@@ -66,6 +88,11 @@ def train(
         }
         if changed:
             raise ValueError(f"on resume only train.* and eval.* may change, not {sorted(changed)}")
+        if config.train.target != run.config.train.target:  # its checkpoint holds another branch
+            raise ValueError(
+                f"train.target cannot change on resume (the run's is {run.config.train.target}); "
+                f"start a new run for train.target={config.train.target}"
+            )
     elif not isinstance(config, Config):
         if config is None:
             raise ValueError("train() needs a config, a recipe name or a run folder to resume")
@@ -77,37 +104,53 @@ def train(
         torch.set_num_threads(settings.threads)
 
     data = load_data(config, "train")
+    run_dir = run.path if resume is not None else None
+    # Semi-supervised: the method trains on the labelled subset; the kNN monitor and the collapse
+    # guard still see the whole split.
+    labelled = labelled_indices(data.labels, settings.label_fraction, settings.seed, run_dir)
+    train_data = data if labelled is None else subset(data, labelled)
     budget: dict[str, Any] = {}
     if resume is None and settings.budget_minutes is not None:
-        config, budget = fit_budget(config, data)
+        config, budget = fit_budget(config, train_data)
         settings = config.train
-    run_dir = run.path if resume is not None else None
     # Weights of the runs it starts from (train.init, train.teacher) load unless a checkpoint of
     # this run will replace them.
-    fresh = resume is None or not run.checkpoint_path.is_file()
-    parts = Parts.build(config, data, run_dir, init_weights=fresh)
+    fresh = resume is None or not run.has_checkpoint
+    parts = Parts.build(config, train_data, run_dir, init_weights=fresh)
     if resume is None:
-        run = Run.create(config, parts.info)
+
+        def create() -> Path:
+            run = Run.create(config, parts.info)
+            if labelled is not None:
+                save_labelled(run.path, settings.label_fraction, settings.seed, labelled)
+            return run.path
+
+        run = Run(dist.from_rank0(create))  # one folder, its time-stamped name chosen by rank 0
     else:
-        (run.path / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        config_text = yaml.safe_dump(config.to_dict(), sort_keys=False)
+        dist.from_rank0(lambda: (run.path / "config.yaml").write_text(config_text))
     method, batches = parts.method, parts.batches
     steps_per_epoch, total_steps = batches.steps_per_epoch, parts.schedule.total_steps
     last_step = min(total_steps, settings.max_steps or total_steps)
     log = MetricsLog(run.metrics_path)
-    monitor = KnnMonitor.create(config, data, parts.views, parts.device)
-    guard = CollapseGuard.create(config, data, parts.views, parts.device)
+    monitor = KnnMonitor.create(config, data, parts.views, parts.device) if main else None
+    guard = CollapseGuard.create(config, data, parts.views, parts.device) if main else None
 
     step, seconds_before = 0, 0.0  # seconds_before: training time of earlier sittings
-    if resume is not None and run.checkpoint_path.is_file():
+    if resume is not None and run.has_checkpoint:
         checkpoint = run.checkpoint()
-        step, seconds_before = parts.load_state_dict(checkpoint), checkpoint.get("seconds", 0.0)
-        log.truncate_after(step)
-    elif resume is None:
-        log.write({"event": "start", "step": 0, "parameters": _count(method), **_describe(config)})
+        step = parts.load_state_dict(checkpoint, run.checkpoint_path)
+        seconds_before = checkpoint.get("seconds", 0.0)
+        if main:
+            log.truncate_after(step)
+    elif resume is None and main:
+        start = {"event": "start", "step": 0, "parameters": _count(method), **_describe(config)}
+        log.write({**start, "processes": dist.world_size()})
         if budget:
             log.write({"event": "budget", "step": 0, **budget})
+    dist.barrier()  # the others read nothing of the folder before rank 0 has written it
 
-    bar = ProgressBar(last_step, step, batches.batch_size, enabled=settings.progress)
+    bar = ProgressBar(last_step, step, batches.batch_size, enabled=settings.progress and main)
     sums: dict[str, Tensor] = {}
     window_start, window_steps, last_save = time.perf_counter(), 0, time.perf_counter()
     sitting_start = time.perf_counter()
@@ -116,8 +159,16 @@ def train(
         """Training time so far, over every sitting of a resumed run (time-to-accuracy)."""
         return round(seconds_before + time.perf_counter() - sitting_start, 2)
 
+    saved_step = step if resume is not None else -1
+
     def save() -> None:
-        save_atomic({**parts.state_dict(), "step": step, "seconds": seconds()}, run.checkpoint_path)
+        """Checkpoint this step, once: previous.pt then keeps a different step than last.pt."""
+        nonlocal saved_step
+        if step != saved_step and main:
+            save_checkpoint(
+                {**parts.state_dict(), "step": step, "seconds": seconds()}, run.checkpoint_path
+            )
+            saved_step = step
 
     method.train()
     stop_on_sigterm = _sigterm_as_interrupt()
@@ -133,7 +184,9 @@ def train(
             if step % settings.log_every == 0 or step == last_step:
                 elapsed = time.perf_counter() - window_start
                 throughput = window_steps * batches.batch_size / max(elapsed, 1e-9)
-                record = {k: v.item() / window_steps for k, v in sums.items()}
+                # the means over all processes: the global batch's loss, the same on each rank
+                means = dist.mean(torch.stack(list(sums.values()))).tolist()
+                record = {k: v / window_steps for k, v in zip(sums, means, strict=True)}
                 if not all(map(_finite, record.values())):
                     raise FloatingPointError(
                         f"loss became {record['loss']} at step {step}; lower optim.lr or set "
@@ -147,16 +200,15 @@ def train(
                     "img_per_s": round(throughput, 1),
                     "seconds": seconds(),
                 }
-                try:
-                    line.update(guard(method.encoder, step) if guard else {})
-                except CollapseError as error:
-                    log.write({**line, **error.stats, "event": "collapse", "message": str(error)})
-                    raise
-                log.write(line)
+                if settings.collapse_guard:
+                    line.update(dist.from_rank0(partial(_check, guard, method, step, line, log)))
+                if main:
+                    log.write(line)
                 sums, window_start, window_steps = {}, time.perf_counter(), 0
             bar.update(step, loss=out["loss"].detach())  # a float only when the bar is drawn
 
             epoch_end = step % steps_per_epoch == 0
+            # rank 0 alone: the others go on and wait for it in the next step's gradient exchange
             if epoch_end and monitor and _due(step, steps_per_epoch, settings.knn_every, last_step):
                 knn = monitor(method.encoder)  # its own time is training time too
                 log.write(
@@ -174,12 +226,28 @@ def train(
         stop_on_sigterm()
     save()
     bar.close()
-    if monitor and not any("knn_top1" in r and r["step"] == step for r in run.metrics):
-        knn = monitor(method.encoder)
-        log.write({"step": step, "epoch": step / steps_per_epoch, **knn, "seconds": seconds()})
-    log.write({"event": "end", "step": step})
-    plot_curves(run.metrics, run.path / "curves.png", title=run.path.name)
+    if main:
+        if monitor and not any("knn_top1" in r and r["step"] == step for r in run.metrics):
+            knn = monitor(method.encoder)
+            log.write({"step": step, "epoch": step / steps_per_epoch, **knn, "seconds": seconds()})
+        log.write({"event": "end", "step": step})
+        plot_curves(run.metrics, run.path / "curves.png", title=run.path.name)
+    dist.barrier()  # the run folder is complete when train() returns, on every process
     return run
+
+
+def _check(
+    guard: CollapseGuard | None, method: Method, step: int, line: dict[str, Any], log: MetricsLog
+) -> dict[str, float]:
+    """The collapse guard's statistics; on collapse the event is logged and CollapseError raised
+    (on every process, through dist.from_rank0)."""
+    if guard is None:
+        return {}
+    try:
+        return guard(method.encoder, step)
+    except CollapseError as error:
+        log.write({**line, **error.stats, "event": "collapse", "message": str(error)})
+        raise
 
 
 @dataclass
@@ -192,6 +260,7 @@ class Parts:
     info: dict[str, Any]
     views: Any
     method: Method
+    model: torch.nn.Module  # what runs forward: the method, or its DDP wrapper (dist.data_parallel)
     optimizer: torch.optim.Optimizer
     schedule: Schedule
     batches: Batches
@@ -211,17 +280,25 @@ class Parts:
         """Seeded parts of a new run, or of the run in `run_dir`; `init_weights`: load the
         weights of the runs it starts from (build_method)."""
         settings = config.train
-        device = pick_device(settings.device)
+        device = dist.local_device(pick_device(settings.device))
         torch.manual_seed(settings.seed)
         views = build_views(config)
         info = data_info(data, views)
         views.set_stats(info["mean"], info["std"])
         method = build_method(config, info, run_dir, init_weights).to(device)
+        if settings.sync_bn:
+            method = dist.sync_batch_norm(method, device)
         memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
         method = method.to(memory_format=memory_format)
         if settings.compile:
             method.backbone.forward = torch.compile(method.backbone.forward)
-        batches = Batches(data.images.to(device), config.optim.batch_size, seed=settings.seed)
+        batches = Batches(
+            data.images.to(device),
+            config.optim.batch_size,
+            seed=settings.seed,
+            rank=dist.rank(),
+            world=dist.world_size(),
+        )
         total_steps = max(round(settings.epochs * batches.steps_per_epoch), 1)
         optimizer = build_optimizer(method, config.optim)
         if method.uses_labels and data.labels is None:
@@ -236,6 +313,7 @@ class Parts:
             info,
             views,
             method,
+            dist.data_parallel(method, device),
             optimizer,
             Schedule(optimizer, config.optim, batches.steps_per_epoch, total_steps),
             batches,
@@ -251,7 +329,10 @@ class Parts:
         progress = Progress(step, step / spe, step / self.schedule.total_steps)
         self.schedule.apply(step)
         images, index = self.batches.next()
-        large, small = self.views(images, self.generator)
+        # every process draws the augmentations of the whole global batch and keeps its rows:
+        # the same views as on one process, whatever the number of processes
+        share = (self.batches.rank, self.batches.world)
+        large, small = self.views(images, self.generator, share)
         labels = self.labels[index] if self.labels is not None else None
         return training_step(
             self.method,
@@ -261,6 +342,7 @@ class Parts:
             self.precision,
             self.config.optim.clip,
             self.schedule,
+            model=self.model,
         )
 
     def _layout(self, crops: list[Tensor]) -> list[Tensor]:
@@ -275,12 +357,18 @@ class Parts:
             "scaler": self.precision.scaler.state_dict(),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> int:
-        """Restore a checkpoint; returns its step."""
-        self.method.load_state_dict(state["method"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.batches.load_state_dict(state["batches"])
-        set_rng_state(state["rng"], self.generator)
+    def load_state_dict(self, state: dict[str, Any], path: Path) -> int:
+        """Restore the checkpoint read from `path`; returns its step."""
+        try:
+            self.method.load_state_dict(state["method"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.batches.load_state_dict(state["batches"])
+            set_rng_state(state["rng"], self.generator)
+        except (RuntimeError, KeyError, TypeError, ValueError) as error:
+            raise CheckpointError(
+                f"checkpoint {path} does not fit this run ({one_line(error)}); was "
+                f"checkpoints/ copied from another run?"
+            ) from error
         if state.get("scaler"):
             self.precision.scaler.load_state_dict(state["scaler"])
         return state["step"]
@@ -294,7 +382,9 @@ def fit_budget(
 
     Throughput is measured on `steps` steps of a throwaway copy of the run's parts (after
     `warmup`), and one kNN monitor pass is timed, so the run itself is exactly the one that
-    `train.epochs=<chosen>` gives; the learning-rate schedule then ends with the budget.
+    `train.epochs=<chosen>` gives; the learning-rate schedule then ends with the budget. On
+    several processes the slowest one's step time counts, rank 0 times the monitor (which only it
+    runs) and its choice is every process's.
     """
     settings = config.train
     began = time.perf_counter()
@@ -306,8 +396,9 @@ def fit_budget(
     for i in range(warmup, warmup + steps):
         out = parts.step(i)
     out["loss"].item()  # wait for the device
-    step_seconds = (time.perf_counter() - timed) / steps
-    monitor = KnnMonitor.create(probe, data, parts.views, parts.device)
+    step_seconds = dist.maximum((time.perf_counter() - timed) / steps)
+    main = dist.rank() == 0
+    monitor = KnnMonitor.create(probe, data, parts.views, parts.device) if main else None
     monitor_seconds = 0.0
     if monitor is not None:
         timed = time.perf_counter()
@@ -323,14 +414,16 @@ def fit_budget(
     if settings.knn_every > 0 and monitor_seconds:
         epoch_seconds += monitor_seconds / settings.knn_every
         seconds -= monitor_seconds  # the last pass, at the end
-    total_steps = max(int(seconds / epoch_seconds * steps_per_epoch), 1)
+    chosen = max(int(seconds / epoch_seconds * steps_per_epoch), 1)
+    total_steps = dist.from_rank0(lambda: chosen)  # one length, or the processes part ways
     epochs = total_steps / steps_per_epoch
     img_per_s = config.optim.batch_size / step_seconds
-    print(
-        f"budget {settings.budget_minutes:g} min: {img_per_s:.0f} img/s measured -> "
-        f"{total_steps} steps, train.epochs={epochs!r} (replays this run exactly)",
-        file=sys.stderr,
-    )
+    if main:
+        print(
+            f"budget {settings.budget_minutes:g} min: {img_per_s:.0f} img/s measured -> "
+            f"{total_steps} steps, train.epochs={epochs!r} (replays this run exactly)",
+            file=sys.stderr,
+        )
     record = {
         "budget_minutes": settings.budget_minutes,
         "img_per_s": round(img_per_s, 1),
@@ -405,11 +498,15 @@ def training_step(
     precision: Precision,
     clip: float | None = None,
     schedule: Schedule | None = None,
+    model: torch.nn.Module | None = None,
 ) -> dict[str, Tensor]:
     """One optimisation step: forward, backward, frozen groups dropped, clipping, the optimizer
-    step, then the method's state updates from what forward returned."""
+    step, then the method's state updates from what forward returned.
+
+    `model`: the module whose forward runs, when it is not `method` itself (its DDP wrapper).
+    """
     with precision.autocast():
-        out = method(views, progress)
+        out = (model or method)(views, progress)
     optimizer.zero_grad(set_to_none=True)
     scaler = precision.scaler
     scaler.scale(out["loss"]).backward()
