@@ -295,7 +295,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    from selfsup.eval.analysis import feature_statistics, parse_classes
+    from selfsup.data.selection import parse_classes
+    from selfsup.eval.analysis import feature_statistics
 
     classes = parse_classes(args.classes) if args.classes is not None else None
     results = feature_statistics(args.run_dir, args.split, classes, device=args.device)
@@ -341,11 +342,12 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _gap(args: argparse.Namespace) -> int:
-    from selfsup.eval.gap import markdown, parse_classes, semantic_gap
+    from selfsup.data.selection import parse_classes
+    from selfsup.eval.gap import markdown, semantic_gap
 
     table = semantic_gap(
         args.recipe,
-        parse_classes(args.pre_classes),
+        parse_classes(args.pre_classes, "--pre-classes"),
         args.sizes,
         args.epochs,
         args.minutes,

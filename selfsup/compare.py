@@ -97,22 +97,10 @@ def _check_shared(configs: dict[str, Config]) -> None:
 
 def _run(config: Config, recipe: str, seed: int, minutes: float, out: Path) -> dict[str, Any]:
     """One (recipe, seed): trained for `minutes` (or resumed, or reused) and evaluated."""
-    slug = Path(recipe).stem if recipe.endswith((".yaml", ".yml")) else recipe.replace("/", "_")
-    name = f"{slug}-seed{seed}"
-    path = out / name
+    name = f"{slug(recipe)}-seed{seed}"
     wanted = config.replace([f"train.seed={seed}", f"train.budget_minutes={minutes}"])
-    try:
-        if (path / "config.yaml").is_file():
-            run = Run(path)
-            _check_reusable(run, wanted, minutes)
-            if not _finished(run) and not _collapse(run):
-                print(f"  resuming {path}", file=sys.stderr)
-                run = train(resume=path)
-        else:
-            run = train(wanted.replace([f"train.out_dir={out}", f"train.name={name}"]))
-    except CollapseError:
-        run = Run(path)  # its metrics end with the "collapse" event
-    collapse = _collapse(run)
+    run = trained(wanted, out / name, minutes)
+    collapse = collapse_event(run)
     if collapse is not None:
         print(f"  collapsed: {collapse['message']}", file=sys.stderr)
         return {
@@ -126,8 +114,8 @@ def _run(config: Config, recipe: str, seed: int, minutes: float, out: Path) -> d
     if not set(ACCURACIES) <= set(results):
         results = evaluate(run)
     metrics = run.metrics
-    trained = [r for r in metrics if "seconds" in r]
-    seconds = trained[-1]["seconds"] if trained else float("nan")
+    timed = [r for r in metrics if "seconds" in r]
+    seconds = timed[-1]["seconds"] if timed else float("nan")
     steps = max((r["step"] for r in metrics if "loss" in r), default=0)
     images = steps * run.config.optim.batch_size
     return {
@@ -137,33 +125,59 @@ def _run(config: Config, recipe: str, seed: int, minutes: float, out: Path) -> d
         "epochs": run.config.train.epochs,
         "train_seconds": seconds,
         "img_per_s": images / seconds if seconds > 0 else float("nan"),
-        "knn_curve": [(r["seconds"], r["knn_top1"]) for r in trained if "knn_top1" in r],
+        "knn_curve": [(r["seconds"], r["knn_top1"]) for r in timed if "knn_top1" in r],
         **{key: results[key] for key in ACCURACIES},
     }
 
 
-def _check_reusable(run: Run, wanted: Config, minutes: float) -> None:
-    # The run's config holds the epochs its budget chose; the budget is in its "budget" event.
+def slug(recipe: str) -> str:
+    """A folder-name form of a recipe name or YAML path."""
+    return Path(recipe).stem if recipe.endswith((".yaml", ".yml")) else recipe.replace("/", "_")
+
+
+def trained(wanted: Config, path: Path, minutes: float | None) -> Run:
+    """The run of `wanted` in `path`: reused when finished (or collapsed), resumed when
+    interrupted, else trained; a folder trained with other settings is refused."""
+    try:
+        if (path / "config.yaml").is_file():
+            run = Run(path)
+            check_reusable(run, wanted, minutes)
+            if not finished(run) and not collapse_event(run):
+                print(f"  resuming {path}", file=sys.stderr)
+                run = train(resume=path)
+            return run
+        return train(wanted.replace([f"train.out_dir={path.parent}", f"train.name={path.name}"]))
+    except CollapseError:
+        return Run(path)  # its metrics end with the "collapse" event
+
+
+def check_reusable(run: Run, wanted: Config, minutes: float | None) -> None:
+    """Raise unless `run` was trained as `wanted` would be. A budget's epochs are measured and
+    written to the run's config, the budget is in its "budget" event; without a budget the
+    epochs must be equal."""
     budget = next((r["budget_minutes"] for r in run.metrics if r.get("event") == "budget"), None)
     different = [s for s in FIXED if getattr(run.config, s) != getattr(wanted, s)]
     different += [
         f"train.{key}"
-        for key in FIXED_TRAIN
+        for key in ("seed", "max_steps", *FIXED_TRAIN)
         if getattr(run.config.train, key) != getattr(wanted.train, key)
     ]
-    if budget != minutes or run.config.train.seed != wanted.train.seed or different:
-        what = different + (["train.budget_minutes"] if budget != minutes else [])
+    if budget != minutes:
+        different.append("train.budget_minutes")
+    elif minutes is None and run.config.train.epochs != wanted.train.epochs:
+        different.append("train.epochs")
+    if different:
         raise ValueError(
-            f"{run.path} was trained with other settings ({', '.join(what) or 'train.seed'}); "
-            f"compare into another --out, or delete that folder to train it again"
+            f"{run.path} was trained with other settings ({', '.join(different)}); write into "
+            f"another --out, or delete that folder to train it again"
         )
 
 
-def _finished(run: Run) -> bool:
+def finished(run: Run) -> bool:
     return any(r.get("event") == "end" for r in run.metrics)
 
 
-def _collapse(run: Run) -> dict[str, Any] | None:
+def collapse_event(run: Run) -> dict[str, Any] | None:
     """The "collapse" record of a run the collapse guard stopped, else None."""
     return next((r for r in run.metrics if r.get("event") == "collapse"), None)
 

@@ -12,12 +12,14 @@ from selfsup.build import build_views, load_data
 from selfsup.cli import main
 from selfsup.config import resolve
 from selfsup.data.datasets import synthetic
+from selfsup.data.selection import parse_classes
 from selfsup.data.subsets import labelled_subset
 from selfsup.engine.monitor import KnnMonitor
-from selfsup.eval.gap import parse_classes, semantic_gap, split_classes
+from selfsup.eval.gap import semantic_gap, split_classes
 from selfsup.run import Run
 
 gap_module = importlib.import_module("selfsup.eval.gap")
+compare_module = importlib.import_module("selfsup.compare")
 
 
 def data_config(tiny_config, **selection):
@@ -144,7 +146,7 @@ def test_the_study_trains_each_size_probes_eval_d_and_reuses_finished_runs(
     assert table["gain"]["from"] == 0.5 and table["gain"]["to"] == 1.0
 
     modified = {p: p.stat().st_mtime_ns for p in out.glob("*/checkpoints/last.pt")}
-    monkeypatch.setattr(gap_module, "train", lambda *a, **k: pytest.fail("retrained"))
+    monkeypatch.setattr(compare_module, "train", lambda *a, **k: pytest.fail("retrained"))
     monkeypatch.setattr(gap_module, "evaluate", lambda *a, **k: pytest.fail("probed again"))
     again = semantic_gap(simclr, [1, 3], [0.5, 1.0], **study)
     assert again["rows"] == table["rows"]

@@ -19,6 +19,7 @@ from selfsup.methods.simsiam import SimSiam
 from selfsup.methods.vicreg import VICReg
 from selfsup.step import Progress, Views
 from selfsup.target import use_target_setting
+from tests.methods.conftest import TinyBackbone
 
 TEMPERATURE, MOMENTUM = 0.5, 0.9
 METHODS = {
@@ -28,20 +29,6 @@ METHODS = {
     "simsiam": lambda backbone: SimSiam(backbone, dim=8, hidden=16, predictor_hidden=4),
 }
 START = Progress(step=0, epoch=0.0, fraction=0.0)
-
-
-class TinyBackbone(nn.Module):
-    """conv-BN-ReLU-pool: the smallest encoder with batch norm."""
-
-    num_features = 8
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(1, 8, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn(self.conv(x)).relu().mean(dim=(2, 3))
 
 
 def _method(name, target, seed=0):
@@ -266,16 +253,16 @@ def test_a_momentum_target_run_resumes_exactly_and_loads_its_ema(tiny_config):
 def test_compare_does_not_reuse_a_run_of_another_target_setting(tmp_path):
     from types import SimpleNamespace
 
-    from selfsup.compare import _check_reusable
+    from selfsup.compare import check_reusable
 
     published = resolve(_config("simclr"))
     momentum = resolve(_config("simclr", target="momentum"))
     run = SimpleNamespace(
         path=tmp_path, config=published, metrics=[{"event": "budget", "budget_minutes": 1.0}]
     )
-    _check_reusable(run, published, 1.0)
-    with pytest.raises(ValueError, match=r"other settings \(train.target\); compare into another"):
-        _check_reusable(run, momentum, 1.0)
+    check_reusable(run, published, 1.0)
+    with pytest.raises(ValueError, match=r"other settings \(train.target\); write into another"):
+        check_reusable(run, momentum, 1.0)
 
 
 def test_simclr_v2_memory_network_is_a_stop_gradient_copy_or_stays_beside_the_momentum_target():

@@ -106,3 +106,14 @@ def describe(spec: dict[str, Any]) -> str:
     if "fraction" in spec:
         parts.append(f"fraction={spec['fraction']:g}")
     return spec["name"] + (f"[{';'.join(parts)}]" if parts else "")
+
+
+def parse_classes(text: str, option: str = "--classes") -> list[int]:
+    """'0,1,2' -> [0, 1, 2] (a command-line option's value); anything else is an error that
+    names the option and shows the expected form."""
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(
+            f"{option} takes comma-separated class ids such as 0,1,2,3,4, not '{text}'"
+        ) from None

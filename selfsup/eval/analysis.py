@@ -27,16 +27,6 @@ from selfsup.files import MetricsLog
 from selfsup.run import Run
 
 
-def parse_classes(text: str) -> list[int]:
-    """'0,1,2' -> [0, 1, 2]; anything else is an error that shows the expected form."""
-    try:
-        return [int(part) for part in text.split(",")]
-    except ValueError:
-        raise ValueError(
-            f"--classes takes comma-separated class ids such as 0,1,2,3,4, not '{text}'"
-        ) from None
-
-
 def _check_classes(classes: list[int], data: ImageData, where: str) -> None:
     if data.labels is None:
         raise ValueError(f"the {where} has no labels to pick classes={classes} by; omit them")

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from selfsup.build import load_data
-from selfsup.compare import FIXED, FIXED_TRAIN, _collapse, _finished
+from selfsup.compare import collapse_event, slug, trained
 from selfsup.config import (
     Config,
     apply_overrides,
@@ -41,8 +41,6 @@ from selfsup.config import (
     resolve,
 )
 from selfsup.data.selection import SELECTION_KEYS, describe
-from selfsup.engine.collapse import CollapseError
-from selfsup.engine.train import train
 from selfsup.eval.protocols import PROTOCOLS, evaluate
 from selfsup.registry import METHODS
 from selfsup.run import Run
@@ -50,16 +48,6 @@ from selfsup.run import Run
 # The sections of --set that the supervised baseline takes too (its data and backbone are the
 # recipe's own, already overridden); method, views and optim belong to each recipe.
 SHARED_SECTIONS = ("train", "eval")
-
-
-def parse_classes(text: str) -> list[int]:
-    """'0,1,2' -> [0, 1, 2]; anything else is an error that shows the expected form."""
-    try:
-        return [int(part) for part in text.split(",")]
-    except ValueError:
-        raise ValueError(
-            f"--pre-classes takes comma-separated class ids such as 0,1,2,3,4, not '{text}'"
-        ) from None
 
 
 def split_classes(pre_classes: Sequence[int], num_classes: int) -> tuple[list[int], list[int]]:
@@ -142,7 +130,7 @@ def semantic_gap(
         for role, name, base in (("ssl", recipe, config), ("supervised", supervised, baseline)):
             print(f"[{number}/{len(sizes)}] size {size:g}: {name}", file=sys.stderr)
             wanted = base.replace([*data, f"train.seed={seed}", *length])
-            run = _trained(wanted, out / f"{_slug(name)}-size{size:g}-seed{seed}", minutes)
+            run = trained(wanted, out / f"{slug(name)}-size{size:g}-seed{seed}", minutes)
             row["images"] = run.info["train_size"]  # the same images for both: same data, seed
             row[role] = _probed(run, config.data, {"eval": eval_d, "pre": pre}, device)
         rows.append(row)
@@ -198,55 +186,12 @@ def _supervised_config(config: Config, recipe: str, overrides: Sequence[str]) ->
     return baseline
 
 
-def _slug(recipe: str) -> str:
-    return Path(recipe).stem if recipe.endswith((".yaml", ".yml")) else recipe.replace("/", "_")
-
-
-def _trained(wanted: Config, path: Path, minutes: float | None) -> Run:
-    """The run of `wanted` in `path`: reused when finished (or collapsed), resumed when
-    interrupted, else trained (selfsup compare's rules)."""
-    try:
-        if (path / "config.yaml").is_file():
-            run = Run(path)
-            _check_reusable(run, wanted, minutes)
-            if not _finished(run) and not _collapse(run):
-                print(f"  resuming {path}", file=sys.stderr)
-                run = train(resume=path)
-            return run
-        return train(wanted.replace([f"train.out_dir={path.parent}", f"train.name={path.name}"]))
-    except CollapseError:
-        return Run(path)  # its metrics end with the "collapse" event
-
-
-def _check_reusable(run: Run, wanted: Config, minutes: float | None) -> None:
-    # A budget's epochs are measured and written to the run's config; the budget is in its
-    # "budget" event. Without one, the epochs must be equal.
-    budget = next((r["budget_minutes"] for r in run.metrics if r.get("event") == "budget"), None)
-    different = [
-        section for section in FIXED if getattr(run.config, section) != getattr(wanted, section)
-    ]
-    different += [
-        f"train.{key}"
-        for key in ("seed", "max_steps", *FIXED_TRAIN)
-        if getattr(run.config.train, key) != getattr(wanted.train, key)
-    ]
-    if budget != minutes:
-        different.append("train.budget_minutes")
-    elif minutes is None and run.config.train.epochs != wanted.train.epochs:
-        different.append("train.epochs")
-    if different:
-        raise ValueError(
-            f"{run.path} was trained with other settings ({', '.join(different)}); run the "
-            f"study into another --out, or delete that folder to train it again"
-        )
-
-
 def _probed(
     run: Run, data: dict[str, Any], parts: dict[str, list[int]], device: str
 ) -> dict[str, Any]:
     """kNN and linear top-1 of the run's frozen encoder on each part's classes (their own train
     and test splits), read from <run>/eval.json where already measured."""
-    collapse = _collapse(run)
+    collapse = collapse_event(run)
     if collapse is not None:
         print(f"  collapsed: {collapse['message']}", file=sys.stderr)
         nan = {f"{part}_{p}_top1": math.nan for part in parts for p in PROTOCOLS}
