@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
 from selfsup.config import Config, apply_overrides, load_recipe, recipe_names, resolve
@@ -138,8 +137,16 @@ def read_run_files(path: Path) -> tuple[Config, dict[str, Any]]:
             f"{path} is not a run folder (no config.yaml); runs are created by "
             f"`selfsup train RECIPE`"
         )
-    config = resolve(yaml.safe_load((path / "config.yaml").read_text()))
-    return config, json.loads((path / "data.json").read_text())
+    config = resolve(load_recipe(path / "config.yaml"))  # a YAML error names file and line
+    data = path / "data.json"
+    try:
+        return config, json.loads(data.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{data} is missing: the run folder is incomplete (train writes it at the start)"
+        ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{data}: not valid JSON ({error}); the run folder is damaged") from None
 
 
 def finetune_config(

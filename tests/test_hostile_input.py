@@ -104,6 +104,36 @@ def test_embed_of_a_missing_folder_says_no_such_folder(tiny_config, tmp_path, ca
 
 
 @pytest.mark.parametrize(
+    ("damage", "expected"),
+    [
+        ({"config.yaml": "method: {name: simclr\n"}, "config.yaml line 2: not a valid recipe"),
+        ({"data.json": "{not json"}, "data.json: not valid JSON"),
+        ({"data.json": None}, "data.json is missing"),
+    ],
+    ids=["config-yaml", "data-json", "no-data-json"],
+)
+@pytest.mark.parametrize("command", ["eval", "resume"])
+def test_a_damaged_run_folder_is_named_with_what_is_wrong(
+    tiny_config, tmp_path, capsys, damage, expected, command
+):
+    tiny_config["train"].update(epochs=1, knn_every=0)
+    run = selfsup.train(resolve(tiny_config))
+    for name, text in damage.items():
+        if text is None:
+            (run.path / name).unlink()
+        else:
+            (run.path / name).write_text(text)
+    capsys.readouterr()
+    args = (
+        ["eval", "knn", str(run.path)]
+        if command == "eval"
+        else ["train", "--resume", str(run.path)]
+    )
+    assert main(args) == 2
+    assert expected in _error_line(capsys)
+
+
+@pytest.mark.parametrize(
     ("labels", "expected"),
     [
         (np.r_[np.arange(39) % 4, -1], "image 39 has label -1"),
