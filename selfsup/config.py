@@ -75,6 +75,10 @@ class TrainConfig:
     # under torchrun: BatchNorm over the global batch of all processes (SimCLR §2.2 "Global BN")
     # instead of each process's part; torch's SyncBatchNorm on CUDA, selfsup.dist's on CPU
     sync_bn: bool = False
+    # micro-batches per optimizer step: optim.batch_size is run in this many parts, each
+    # process's share split further; losses over the whole batch stay exact (gradient caching,
+    # selfsup/engine/accumulate.py); BN statistics are per micro-batch
+    accumulate: int = 1
     threads: int | None = None  # torch intra-op threads; None: torch's default
     checkpoint_minutes: float = 5.0  # save checkpoints/last.pt at least this often (and each epoch)
     log_every: int = 20  # steps between metric lines in metrics.jsonl
@@ -124,6 +128,7 @@ LIMITS: dict[type, dict[str, tuple[Any, str]]] = {
         "epochs": POSITIVE,
         "budget_minutes": POSITIVE,
         "max_steps": POSITIVE,
+        "accumulate": POSITIVE,
         "threads": POSITIVE,
         "checkpoint_minutes": POSITIVE,
         "log_every": POSITIVE,

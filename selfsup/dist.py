@@ -18,12 +18,202 @@ def is_distributed() -> bool:
     return torch_dist.is_available() and torch_dist.is_initialized()
 
 
-def rank() -> int:
+def process_rank() -> int:
+    """This process's rank among the processes (0 on one process)."""
     return torch_dist.get_rank() if is_distributed() else 0
 
 
-def world_size() -> int:
+def processes() -> int:
+    """The number of processes."""
     return torch_dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    """The rank of the batch a method's forward sees among all the parts of the global batch: the
+    process's rank, or during a step of micro-batches (train.accumulate) the micro-batch's among
+    all processes' micro-batches (`MicroBatches`)."""
+    if _micro is None:
+        return process_rank()
+    return process_rank() * _micro.count + _micro.index
+
+
+def world_size() -> int:
+    """How many parts the global batch has: processes, times micro-batches during accumulation."""
+    return processes() * (1 if _micro is None else _micro.count)
+
+
+class MicroBatches:
+    """The global batch's parts that one process runs one after another (train.accumulate): to
+    a method's forward, micro-batch m of process p is part p·M + m of W·M, as if it were a process
+    of its own (`rank`, `world_size`), and the gathers return every part's rows, so that a loss
+    over the gathered batch is the loss of the whole batch (gradient caching, Gao et al. 2021).
+
+    The objective is the one of W·M processes: the mean over the parts of each part's loss L_j.
+    Three kinds of pass, each over every micro-batch (engine/accumulate.py):
+    - "record", without gradient: the inputs of every gather and all-reduce, in call order, are
+      cached. A gathered input that comes from another gather (MoCo's shuffled keys) is wrong in
+      the first sweep, whose gathers only know their own rows; sweeps repeat until the inputs
+      stop changing (`settled`).
+    - "gradient", with the parameters frozen: each gather (with gradient) returns the cached
+      global tensor G as a leaf, and Σ_j ∂L_j/∂G is summed over all parts (`backward`).
+    - "live", with gradient: gathers return the cached G, and in the backward pass this
+      micro-batch's rows receive their slice of Σ_j ∂L_j/∂G (times the loss scale), instead of
+      their share of L_m alone: what `gather`'s all-reduce does across processes.
+    """
+
+    def __init__(self, count: int) -> None:
+        self.count, self.index, self.mode = count, 0, "record"
+        self.cache: list[list[Tensor]] = []  # [micro-batch][call] -> the input of that call
+        self.previous: list[list[Tensor]] | None = None  # the last complete sweep's cache
+        self.calls = 0  # calls so far in the current pass
+        self.gathers: set[int] = set()  # the calls that are gathers with gradient
+        self.leaves: dict[int, Tensor] = {}  # gradient pass: call -> G as a leaf
+        self.totals: dict[int, Tensor] = {}  # call -> Σ_j ∂L_j/∂G over all parts
+        self.scale = 1.0  # the factor of the live loss: the loss scale / M
+
+    def begin(self, index: int, mode: str) -> None:
+        """Start micro-batch `index`'s pass: "record", "gradient" or "live"."""
+        self.index, self.mode, self.calls, self.leaves = index, mode, 0, {}
+        if mode == "record":
+            if index == 0 and self.cache:
+                self.previous, self.cache = self.cache, []
+            self.cache.append([])
+
+    def end(self) -> None:
+        """Check that the pass made as many collective calls as the recorded one."""
+        expected = len(self.cache[self.index]) if self.index < len(self.cache) else 0
+        if self.mode != "record" and self.calls != expected:
+            raise RuntimeError(
+                f"train.accumulate: the method's forward made {self.calls} gathers for "
+                f"micro-batch {self.index}, {expected} when it was recorded; its forward must "
+                f"make the same collective calls at every pass (set train.accumulate=1)"
+            )
+
+    @property
+    def used(self) -> bool:
+        """Whether the method's forward gathers anything at all (else the passes are plain
+        gradient accumulation and need no recording)."""
+        return any(self.cache)
+
+    def settled(self) -> bool:
+        """Whether the last recording sweep reproduced the one before it."""
+        return self.previous is not None and _same(self.previous, self.cache)
+
+    def backward(self, loss: Tensor) -> None:
+        """Gradient pass: add ∂loss/∂G of this pass's gathers to the totals."""
+        calls = [call for call in sorted(self.leaves) if self.leaves[call].requires_grad]
+        if not calls or not loss.requires_grad:
+            return
+        grads = torch.autograd.grad(loss, [self.leaves[c] for c in calls], allow_unused=True)
+        for call, grad in zip(calls, grads, strict=True):
+            if grad is not None:
+                self.totals[call] = self.totals.get(call, 0) + grad
+
+    def share_totals(self) -> None:
+        """After the gradient pass: the totals summed over the processes too."""
+        for call in self.totals:
+            if processes() > 1:
+                torch_dist.all_reduce(self.totals[call])
+
+    def _parts(self, x: Tensor, kind: str) -> list[Tensor]:
+        call, self.calls = self.calls, self.calls + 1
+        if self.mode == "record":
+            self.cache[self.index].append(x.detach())
+            if kind == "gather":
+                self.gathers.add(call)
+            if self.previous is None:  # first sweep: the others' rows are not known yet
+                return [x.detach()] * self.count
+            return [
+                x.detach() if m == self.index else self.previous[m][call] for m in range(self.count)
+            ]
+        if self.index >= len(self.cache) or call >= len(self.cache[self.index]):
+            raise RuntimeError(
+                "train.accumulate: the method's forward made more gathers than when it was "
+                "recorded (set train.accumulate=1)"
+            )
+        recorded = self.cache[self.index][call]
+        if recorded.shape != x.shape or not torch.allclose(
+            recorded.float(), x.detach().float(), rtol=1e-4, atol=1e-5
+        ):
+            raise RuntimeError(
+                f"train.accumulate: gather {call} of micro-batch {self.index} differs between its "
+                f"recording and its training pass: the method's forward is not the same function "
+                f"of its micro-batch twice (set train.accumulate=1)"
+            )
+        return [self.cache[m][call] for m in range(self.count)]
+
+    def gather(self, x: Tensor) -> Tensor:
+        """`dist.gather` during the passes: every part's rows (all processes'); see the class."""
+        call = self.calls
+        gathered = _gather_processes(torch.cat(self._parts(x, "gather")))
+        if self.mode == "gradient":
+            self.leaves[call] = gathered.requires_grad_()
+            return gathered
+        if self.mode == "live":
+            rows = x.shape[0]
+            start = (process_rank() * self.count + self.index) * rows
+            total = self.totals.get(call)
+            share = None if total is None else total[start : start + rows] * self.scale
+            return _Injected.apply(x, gathered, share)
+        return gathered
+
+    def gather_nograd(self, x: Tensor) -> Tensor:
+        return _gather_processes(torch.cat(self._parts(x.detach(), "nograd")))
+
+    def shared(self, x: Tensor) -> Tensor:
+        """Micro-batch 0's `x` on every micro-batch (a random draw they must agree on: MoCo's
+        shuffle, which processes take from rank 0)."""
+        call = self.calls
+        if self.mode == "record" and self.index == 0:
+            self._parts(x, "shared")
+            return x
+        self._parts(x, "shared")  # recorded, or checked against the recording
+        return self.cache[0][call]
+
+    def sum(self, x: Tensor) -> Tensor:
+        """The sum of this call's inputs over the micro-batches (then over the processes)."""
+        return torch.stack(self._parts(x.detach(), "sum")).sum(dim=0)
+
+
+def _same(a: list[list[Tensor]], b: list[list[Tensor]]) -> bool:
+    return len(a) == len(b) and all(
+        len(x) == len(y)
+        and all(
+            u.shape == v.shape and torch.allclose(u.float(), v.float(), rtol=1e-4, atol=1e-5)
+            for u, v in zip(x, y, strict=True)
+        )
+        for x, y in zip(a, b, strict=True)
+    )
+
+
+class _Injected(torch.autograd.Function):
+    """Forward: `gathered` (the global tensor, x's rows in it). Backward: x receives `share`,
+    its rows' part of the gradient of every part's loss, not the gradient that arrives."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, gathered: Tensor, share: Tensor | None) -> Tensor:  # noqa: ANN001
+        ctx.share, ctx.shape = share, x.shape
+        return gathered.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None]:  # noqa: ANN001
+        if ctx.share is None:  # the loss does not depend on this gather
+            return grad.new_zeros(ctx.shape), None, None
+        return ctx.share.to(grad.dtype), None, None
+
+
+_micro: MicroBatches | None = None  # set by `micro_batches` for the passes of one step
+
+
+@contextmanager
+def micro_batches(state: MicroBatches) -> Iterator[MicroBatches]:
+    """Run the block as part `state.index` of `state.count` micro-batches (see MicroBatches)."""
+    global _micro
+    previous, _micro = _micro, state
+    try:
+        yield state
+    finally:
+        _micro = previous
 
 
 T = TypeVar("T")
@@ -55,7 +245,7 @@ def process_group_from_env() -> Iterator[None]:
 
 def local_device(device: torch.device) -> torch.device:
     """`device` for this process: on several processes CUDA means cuda:LOCAL_RANK (one GPU each)."""
-    if device.type != "cuda" or world_size() == 1:
+    if device.type != "cuda" or processes() == 1:
         return device
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     torch.cuda.set_device(device)  # NCCL's object collectives use the current device
@@ -66,11 +256,11 @@ def from_rank0(make: Callable[[], T]) -> T:
     """`make()` run on rank 0 only, its result returned on every process: one run folder name,
     one decision. An exception on rank 0 is raised there and, with its message, on every other
     process, so that no process waits for a partner that has stopped."""
-    if world_size() == 1:
+    if processes() == 1:
         return make()
     box: list[Any] = [None]
     failure = None
-    if rank() == 0:
+    if process_rank() == 0:
         try:
             box = [(True, make())]
         except Exception as error:  # noqa: BLE001  (its text goes to the others, then re-raised)
@@ -90,38 +280,50 @@ def from_rank0(make: Callable[[], T]) -> T:
 
 
 def barrier() -> None:
-    if world_size() > 1:
+    if processes() > 1:
         torch_dist.barrier()
 
 
 def mean(x: Tensor) -> Tensor:
     """The mean of `x` over all processes (the logged scalars of one global step), no gradient."""
-    return x if world_size() == 1 else all_reduce(x) / world_size()
+    if processes() == 1:
+        return x
+    total = x.detach().clone()
+    torch_dist.all_reduce(total)
+    return total / processes()
 
 
 def maximum(value: float) -> float:
     """The largest `value` of all processes (the slowest step time decides a shared budget)."""
-    if world_size() == 1:
+    if processes() == 1:
         return value
     x = torch.tensor([value], dtype=torch.float64)
     torch_dist.all_reduce(x, op=torch_dist.ReduceOp.MAX)
     return x.item()
 
 
-def gather_nograd(x: Tensor) -> Tensor:
+def _gather_processes(x: Tensor) -> Tensor:
     """Concatenate `x` (N, ...) from all processes along dim 0, without gradient."""
-    if world_size() == 1:
+    if processes() == 1:
         return x
-    parts = [torch.empty_like(x) for _ in range(world_size())]
+    parts = [torch.empty_like(x) for _ in range(processes())]
     torch_dist.all_gather(parts, x.contiguous())
     return torch.cat(parts)
+
+
+def gather_nograd(x: Tensor) -> Tensor:
+    """Concatenate `x` (N, ...) from all parts of the global batch along dim 0, without gradient:
+    every process's, and during accumulation every micro-batch's (MicroBatches)."""
+    if _micro is not None:
+        return _micro.gather_nograd(x)
+    return _gather_processes(x)
 
 
 class _Gather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:  # noqa: ANN001
         ctx.n = x.shape[0]
-        return gather_nograd(x)
+        return _gather_processes(x)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:  # noqa: ANN001
@@ -129,12 +331,15 @@ class _Gather(torch.autograd.Function):
         # taking this process's slice, then DDP's averaging, gives the exact global-batch gradient.
         grad = grad.contiguous()
         torch_dist.all_reduce(grad)
-        return grad[rank() * ctx.n : (rank() + 1) * ctx.n]
+        return grad[process_rank() * ctx.n : (process_rank() + 1) * ctx.n]
 
 
 def gather(x: Tensor) -> Tensor:
-    """Concatenate `x` (N, ...) from all processes along dim 0; gradients flow back to each."""
-    return x if world_size() == 1 else _Gather.apply(x)
+    """Concatenate `x` (N, ...) from all parts of the global batch along dim 0; gradients flow
+    back to each part (to this micro-batch's rows only during accumulation)."""
+    if _micro is not None:
+        return _micro.gather(x)
+    return x if processes() == 1 else _Gather.apply(x)
 
 
 def shuffled(
@@ -160,7 +365,9 @@ def shuffled(
     n = x.shape[0]
     x_all = gather_nograd(x)  # (world·n, ...)
     permutation = torch.randperm(x_all.shape[0], generator=generator, device=x.device)
-    if world > 1:
+    if _micro is not None:
+        permutation = _micro.shared(permutation)  # every micro-batch shuffles the same way
+    if processes() > 1:
         torch_dist.broadcast(permutation, src=0)  # every process shuffles the same way
     mine = permutation[rank() * n : (rank() + 1) * n]  # rows this process encodes
     chunks = x_all[mine].tensor_split(max(groups // world, 1))
@@ -171,9 +378,12 @@ def shuffled(
 
 
 def all_reduce(x: Tensor) -> Tensor:
-    """The sum of `x` over all processes, for sums that need no gradient (SwAV's Sinkhorn): a new
-    tensor, or `x` itself on one process, like the gathers."""
-    if world_size() == 1:
+    """The sum of `x` over all parts of the global batch (processes, and micro-batches during
+    accumulation), for sums that need no gradient (SwAV's Sinkhorn): a new tensor, or `x` itself
+    on one process, like the gathers."""
+    if _micro is not None:
+        x = _micro.sum(x)
+    if processes() == 1:
         return x
     total = x.detach().clone()
     torch_dist.all_reduce(total)
@@ -195,7 +405,7 @@ def data_parallel(method: torch.nn.Module, device: torch.device) -> torch.nn.Mod
     DDP learns the set in the first step, where find_unused_parameters=True would search the
     autograd graph at every step. Frozen parts (EMA targets, teachers) have requires_grad False.
     """
-    if world_size() == 1:
+    if processes() == 1:
         return method
     device_ids = [device.index] if device.type == "cuda" else None
     with warnings.catch_warnings():  # torch 2.13 renames it; the old name works from 2.3 on
@@ -267,7 +477,7 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
             raise ValueError(f"SyncBatchNorm needs (N, C, ...) input, got shape {tuple(x.shape)}")
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.training or world_size() == 1:
+        if not self.training or processes() == 1:
             return super().forward(x)
         self._check_input_dim(x)
         mean, var, total = _global_moments(x)

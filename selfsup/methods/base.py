@@ -52,8 +52,11 @@ class Method(nn.Module):
         """{"loss": scalar, **scalars to log, **tensors that after_step needs}.
 
         Changes no state of the method's own: running it twice equals running it once (the
-        gradient analysis and loss inspection run it freely). Scalars (0-d tensors) are logged;
-        other entries, such as MoCo's keys, only reach `after_step`.
+        gradient analysis, loss inspection and train.accumulate's recording pass run it freely).
+        Scalars (0-d tensors) are logged; other entries, such as MoCo's keys, only reach
+        `after_step`, and have one leading row per sample or per process: the outputs of
+        micro-batches (train.accumulate) are concatenated along dim 0, as a gather of several
+        processes' outputs is.
         """
         raise NotImplementedError
 

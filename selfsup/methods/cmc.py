@@ -138,7 +138,7 @@ class CMC(Method):
             "loss": loss,
             "pos_sim": positive,
             "z_std": z[0].detach().std(dim=0).mean(),  # ≈ 1/sqrt(dim) when spread, 0 on collapse
-            "embeddings": torch.stack(z).detach(),  # (M, N, dim), written to the banks
+            "embeddings": torch.stack(z, dim=1).detach(),  # (N, M, dim), written to the banks
             **out,
         }
 
@@ -181,5 +181,5 @@ class CMC(Method):
         if self.negatives != "memory":
             return
         index = gather_nograd(out["index"])
-        for bank, embeddings in zip(self.banks, out["embeddings"], strict=True):
+        for bank, embeddings in zip(self.banks, out["embeddings"].unbind(1), strict=True):
             bank.update(index, gather_nograd(embeddings))  # v ← normalise(m·v + (1 − m)·z)

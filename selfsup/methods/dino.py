@@ -109,13 +109,13 @@ class DINO(Method):
             "loss": loss,
             "teacher_entropy": entropy,
             "teacher_temp": loss.new_tensor(temperature),
-            "teacher_mean": teacher.mean(dim=0),  # (K,): the centre's update, in after_step
+            "teacher_mean": teacher.mean(dim=0)[None],  # (1, K): the centre's update, after_step
         }
 
     def after_step(self, progress: Progress, out: dict[str, Tensor]) -> None:
         # c ← m·c + (1 − m)·mean of the teacher outputs of the whole batch, every process's
         # (eq. 4); the processes' batches are equal, so the mean of their means is that mean.
-        batch_center = gather_nograd(out["teacher_mean"][None]).mean(dim=0)
+        batch_center = gather_nograd(out["teacher_mean"]).mean(dim=0)
         self.center.lerp_(batch_center, 1 - self.center_momentum)
         self.target.update(cosine_ramp(self.momentum, self.final_momentum, progress.fraction))
 

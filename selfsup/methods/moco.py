@@ -100,8 +100,8 @@ class MoCo(Method):
             "z_std": z_std,
             "keys": torch.cat(keys),  # enqueued after the step (Algorithm 1)
         }
-        if self.bank is not None:
-            out["index"] = views.index  # the bank rows the first pair's keys replace
+        if self.bank is not None:  # the bank rows the first pair's keys replace
+            out["index"], out["bank_keys"] = views.index, keys[0]
         return out
 
     @torch.no_grad()
@@ -120,8 +120,8 @@ class MoCo(Method):
     def after_step(self, progress: Progress, out: dict[str, Tensor]) -> None:
         self.queue.push(gather_nograd(out["keys"]))  # what all processes produced
         if self.bank is not None:  # one key per image: the first pair's (symmetric: of view 2)
-            index = out["index"].to(out["keys"].device)
-            self.bank.update(gather_nograd(index), gather_nograd(out["keys"][: len(index)]))
+            index = out["index"].to(out["bank_keys"].device)
+            self.bank.update(gather_nograd(index), gather_nograd(out["bank_keys"]))
         self.target.update(self.momentum)  # θ_k ← m·θ_k + (1 − m)·θ_q (eq. 2)
 
 

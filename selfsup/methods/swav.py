@@ -105,7 +105,9 @@ class SwAV(Method):
         n = len(views.large[0])
         out = {}
         if self.queues is not None:  # pushed after the step (`after_step`), used by later batches
+            # (N, G, dim): one row per sample, as every tensor a forward returns (Method.forward)
             out["embeddings"] = z[: len(views.large) * n].detach().unflatten(0, (-1, n))
+            out["embeddings"] = out["embeddings"].transpose(0, 1)
         with torch.no_grad():
             code = codes[0].float()
             # log K when a sample is spread over all prototypes, 0 when it sits on one
@@ -122,7 +124,7 @@ class SwAV(Method):
     def after_step(self, progress: Progress, out: dict[str, Tensor]) -> None:
         self.prototypes.normalize_()  # back onto the unit sphere after the step (§3.1, code)
         if self.queues is not None and progress.epoch >= self.queue_start_epoch:
-            for queue, embeddings in zip(self.queues, out["embeddings"], strict=True):
+            for queue, embeddings in zip(self.queues, out["embeddings"].unbind(1), strict=True):
                 batch = gather_nograd(embeddings)  # every process's rows: the same queue on each
                 queue.push(batch)
             self.queued.add_(len(batch)).clamp_(max=self.queue_size)

@@ -72,9 +72,10 @@ class UniGrad(Method):
         )
         with torch.no_grad():
             positive_similarity = 0.5 * ((u1 * t2).sum(dim=1) + (u2 * t1).sum(dim=1)).mean()
-        return {"loss": loss, "pos_sim": positive_similarity, "correlation": correlation}
+        # (1, dim, dim): one row per process, as every tensor a forward returns (Method.forward)
+        return {"loss": loss, "pos_sim": positive_similarity, "correlation": correlation[None]}
 
     def after_step(self, progress: Progress, out: dict[str, Tensor]) -> None:
-        self.correlation.copy_(out["correlation"])
+        self.correlation.copy_(out["correlation"][-1])  # the same F on every process
         self.correlation_started.fill_(True)
         self.target.update(cosine_ramp(self.momentum, self.final_momentum, progress.fraction))

@@ -45,7 +45,7 @@ def test_unigrad_correlation_starts_at_the_first_batch_then_moves_with_rho(
     method = UniGrad(tiny_backbone, dim=4, hidden=16, correlation_momentum=0.9, momentum=1.0)
     first = method(Views(two_views), progress)
     expected = correlation_by_hand(momentum_embeddings(method, *two_views))
-    torch.testing.assert_close(first["correlation"].double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(first["correlation"][0].double(), expected, rtol=1e-5, atol=1e-6)
     assert not method.correlation_started  # forward changes no state; after_step stores F
     method.after_step(progress, first)
     generator = torch.Generator().manual_seed(5)
@@ -53,7 +53,7 @@ def test_unigrad_correlation_starts_at_the_first_batch_then_moves_with_rho(
     second = method(Views(new_views), Progress(1, 0.1, 0.1))
     batch = correlation_by_hand(momentum_embeddings(method, *new_views))
     torch.testing.assert_close(
-        second["correlation"].double(), 0.9 * expected + 0.1 * batch, rtol=1e-5, atol=1e-6
+        second["correlation"][0].double(), 0.9 * expected + 0.1 * batch, rtol=1e-5, atol=1e-6
     )
 
 
@@ -65,7 +65,7 @@ def test_unigrad_loss_uses_the_momentum_target_of_the_other_view(
     with torch.no_grad():
         u1, u2 = (F.normalize(method.projector(method.backbone(x)), dim=1) for x in two_views)
     t1, t2 = momentum_embeddings(method, *two_views)
-    f = out["correlation"]
+    f = out["correlation"][0]
     by_hand = 0.0
     for u, t in ((u1, t2), (u2, t1)):  # −u·u⁺ + λ/2·uᵀFu, averaged over the batch, symmetrised
         by_hand += 0.5 * np.mean([float(-u[i] @ t[i] + 1.0 * u[i] @ f @ u[i]) for i in range(6)])
