@@ -27,6 +27,9 @@ class ImageData:
     images: Tensor
     labels: Tensor | None = None
     classes: list[str] | None = None
+    # per-channel (mean, std) when known without reading every image (a memory-mapped cache)
+    stats: tuple[list[float], list[float]] | None = None
+    mapped: bool = False  # images are a memory-mapped file: batches go to the device one by one
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.ndim != 4:
@@ -70,6 +73,8 @@ class ImageData:
 
     def mean_std(self) -> tuple[list[float], list[float]]:
         """Per-channel mean and std of the pixels scaled to [0, 1] (for `normalize`)."""
+        if self.stats is not None:
+            return self.stats
         total = torch.zeros(self.shape[0], dtype=torch.float64)
         squares = torch.zeros_like(total)
         # Chunks keep the float copy small for large splits (STL-10 unlabeled is 2.8 GB as uint8).
@@ -350,16 +355,26 @@ def image_folder(
     root: str | None = None,
     size: int | None = None,
     channels: int | None = None,
+    cache: str | None = None,
+    workers: int | None = None,
 ) -> ImageData:
     """Your own images: root/<class>/*.png (labelled) or root/*.png (unlabeled), via Pillow.
 
     With root/train and root/test (or root/val) sub-folders, each split reads its own. `size`
     resizes the shorter side and centre-crops to size x size; `channels` 1 or 3 forces L or RGB.
+    `cache` (a folder): for sets larger than memory, decode once with `workers` processes
+    (default: one per core) into a memory-mapped file there and train from it (data/cache.py).
     """
     check_split("image_folder", split)
     folder = split_path("image_folder", root, split)
-    images, labels, classes = formats.read_image_folder(folder, size=size, channels=channels)
-    return image_data(images, labels, classes)
+    if cache is None:
+        images, labels, classes = formats.read_image_folder(folder, size=size, channels=channels)
+        return image_data(images, labels, classes)
+    from selfsup.data.cache import cached_image_folder
+
+    images, labels, classes, stats = cached_image_folder(folder, size, channels, cache, workers)
+    labels = None if labels is None else torch.from_numpy(labels)
+    return ImageData(torch.from_numpy(images), labels, classes, stats, mapped=True)
 
 
 @DATASETS.register("npz")

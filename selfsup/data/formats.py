@@ -10,6 +10,7 @@ import contextlib
 import gzip
 import pickle
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -173,15 +174,10 @@ def load_image(path: Path, mode: str, size: int | None) -> np.ndarray:
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
 
-def read_image_folder(
-    root: str | Path, size: int | None = None, channels: int | None = None
-) -> tuple[np.ndarray, np.ndarray | None, list[str] | None]:
-    """A folder of images -> (images (N, C, H, W) uint8, labels or None, class names or None).
-
-    Sub-folders are classes, sorted by name, with their images (found recursively) labelled by
-    the folder; images lying directly in `root` with no sub-folders form an unlabeled set.
-    `channels` 1 or 3 converts every image to L or RGB; by default RGB unless all are grayscale.
-    """
+def folder_listing(root: str | Path) -> tuple[list[Path], np.ndarray | None, list[str] | None]:
+    """The image files of an image folder, their labels and the class names (None, None for an
+    unlabeled folder): sub-folders are classes, sorted by name, with their images found
+    recursively; images lying directly in `root` with no sub-folders form an unlabeled set."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} is not a folder")
@@ -203,25 +199,45 @@ def read_image_folder(
         raise FileNotFoundError(
             f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {root} or its sub-folders"
         )
-    if kept:
-        files = [f for _, class_files in kept for f in class_files]
-        labels = np.concatenate([np.full(len(fs), i, np.int64) for i, (_, fs) in enumerate(kept)])
-        classes = [name for name, _ in kept]
-    else:
-        files, labels, classes = loose, None, None
+    if not kept:
+        return loose, None, None
+    files = [f for _, class_files in kept for f in class_files]
+    labels = np.concatenate([np.full(len(fs), i, np.int64) for i, (_, fs) in enumerate(kept)])
+    return files, labels, [name for name, _ in kept]
 
+
+GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
+
+
+def image_mode(path: Path) -> str | None:
+    """The PIL mode of an image file (its header only), None if it cannot be read."""
+    with contextlib.suppress(*UNREADABLE), Image.open(path) as image:
+        return image.mode
+    return None
+
+
+def folder_mode(modes: Iterable[str | None], channels: int | None) -> str:
+    """'L' or 'RGB' for images of these PIL modes: `channels` 1 or 3, or by default RGB unless
+    all are grayscale (an unreadable file, None, is skipped where it is counted)."""
     if channels is None:
-        # Opening reads only the header, so choosing the mode first costs little.
-        gray = {"1", "L", "LA", "I", "I;16", "F"}
-        modes = set()
-        for f in files:
-            with contextlib.suppress(*UNREADABLE), Image.open(f) as image:
-                modes.add(image.mode)  # an unreadable file is skipped below, where it is counted
-        mode = "L" if modes <= gray else "RGB"
-    elif channels in (1, 3):
-        mode = "L" if channels == 1 else "RGB"
-    else:
-        raise ValueError(f"channels must be 1, 3 or None (automatic), got {channels}")
+        return "L" if {m for m in modes if m is not None} <= GRAY_MODES else "RGB"
+    if channels in (1, 3):
+        return "L" if channels == 1 else "RGB"
+    raise ValueError(f"channels must be 1, 3 or None (automatic), got {channels}")
+
+
+def read_image_folder(
+    root: str | Path, size: int | None = None, channels: int | None = None
+) -> tuple[np.ndarray, np.ndarray | None, list[str] | None]:
+    """A folder of images -> (images (N, C, H, W) uint8, labels or None, class names or None),
+    in memory (`folder_listing` says which files and labels; data/cache.py maps large folders).
+
+    `channels` 1 or 3 converts every image to L or RGB; by default RGB unless all are grayscale.
+    """
+    root = Path(root)
+    files, labels, classes = folder_listing(root)
+    # Opening reads only the header, so choosing the mode first costs little.
+    mode = folder_mode((image_mode(f) for f in files) if channels is None else (), channels)
 
     images, first, readable, skipped = None, None, np.zeros(len(files), bool), []
     for i, f in enumerate(files):

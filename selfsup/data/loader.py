@@ -16,7 +16,13 @@ class Batches:
     """
 
     def __init__(
-        self, images: Tensor, batch_size: int, seed: int = 0, rank: int = 0, world: int = 1
+        self,
+        images: Tensor,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        device: torch.device | str | None = None,
     ) -> None:
         if batch_size > len(images):
             raise ValueError(
@@ -30,6 +36,7 @@ class Batches:
             )
         self.images, self.batch_size, self.seed = images, batch_size, seed
         self.rank, self.world = rank, world
+        self.device = images.device if device is None else torch.device(device)
         self.epoch, self.position = 0, 0
         self._order: tuple[int, Tensor] | None = None
 
@@ -56,7 +63,8 @@ class Batches:
         start = self.position * self.batch_size + self.rank * self.local_batch_size
         index = self.order(self.epoch)[start : start + self.local_batch_size]
         self.position += 1
-        return self.images[index], index
+        # a memory-mapped split stays on the host: each batch is read from it, then moved
+        return self.images[index].to(self.device, non_blocking=True), index
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed}

@@ -30,6 +30,7 @@ from selfsup.config import Config, load_config
 from selfsup.data.datasets import ImageData
 from selfsup.data.loader import Batches
 from selfsup.data.subsets import labelled_indices, save_labelled, subset
+from selfsup.engine.accumulate import Accumulation
 from selfsup.engine.collapse import CollapseError, CollapseGuard
 from selfsup.engine.log import ProgressBar
 from selfsup.engine.monitor import KnnMonitor
@@ -77,7 +78,7 @@ def train(
 def _train(
     config: Config | str | Path | None, overrides: list[str] | None, resume: str | Path | None
 ) -> Run:
-    main = dist.rank() == 0  # the process that writes the run folder
+    main = dist.process_rank() == 0  # the process that writes the run folder
     if resume is not None:
         run = Run(resume)
         config = run.config.replace(overrides or [])
@@ -145,7 +146,7 @@ def _train(
             log.truncate_after(step)
     elif resume is None and main:
         start = {"event": "start", "step": 0, "parameters": _count(method), **_describe(config)}
-        log.write({**start, "processes": dist.world_size()})
+        log.write({**start, "processes": dist.processes()})
         if budget:
             log.write({"event": "budget", "step": 0, **budget})
     dist.barrier()  # the others read nothing of the folder before rank 0 has written it
@@ -268,6 +269,7 @@ class Parts:
     generator: torch.Generator
     precision: Precision
     memory_format: torch.memory_format
+    accumulation: Accumulation  # train.accumulate micro-batches per step
 
     @classmethod
     def build(
@@ -293,12 +295,19 @@ class Parts:
         if settings.compile:
             method.backbone.forward = torch.compile(method.backbone.forward)
         batches = Batches(
-            data.images.to(device),
+            data.images if data.mapped else data.images.to(device),  # mapped: read per batch
             config.optim.batch_size,
             seed=settings.seed,
-            rank=dist.rank(),
-            world=dist.world_size(),
+            rank=dist.process_rank(),
+            world=dist.processes(),
+            device=device,
         )
+        if batches.local_batch_size % settings.accumulate:
+            raise ValueError(
+                f"train.accumulate={settings.accumulate} does not divide the batch of each of "
+                f"{dist.processes()} process(es) ({batches.local_batch_size} images); choose "
+                f"optim.batch_size as a multiple of {dist.processes() * settings.accumulate}"
+            )
         total_steps = max(round(settings.epochs * batches.steps_per_epoch), 1)
         optimizer = build_optimizer(method, config.optim)
         if method.uses_labels and data.labels is None:
@@ -321,6 +330,7 @@ class Parts:
             torch.Generator(device).manual_seed(settings.seed),
             Precision(settings.precision, device),
             memory_format,
+            Accumulation(settings.accumulate),
         )
 
     def step(self, step: int) -> dict[str, Tensor]:
@@ -343,6 +353,7 @@ class Parts:
             self.config.optim.clip,
             self.schedule,
             model=self.model,
+            accumulation=self.accumulation,
         )
 
     def _layout(self, crops: list[Tensor]) -> list[Tensor]:
@@ -397,7 +408,7 @@ def fit_budget(
         out = parts.step(i)
     out["loss"].item()  # wait for the device
     step_seconds = dist.maximum((time.perf_counter() - timed) / steps)
-    main = dist.rank() == 0
+    main = dist.process_rank() == 0
     monitor = KnnMonitor.create(probe, data, parts.views, parts.device) if main else None
     monitor_seconds = 0.0
     if monitor is not None:
@@ -499,17 +510,23 @@ def training_step(
     clip: float | None = None,
     schedule: Schedule | None = None,
     model: torch.nn.Module | None = None,
+    accumulation: Accumulation | None = None,
 ) -> dict[str, Tensor]:
     """One optimisation step: forward, backward, frozen groups dropped, clipping, the optimizer
     step, then the method's state updates from what forward returned.
 
     `model`: the module whose forward runs, when it is not `method` itself (its DDP wrapper).
+    `accumulation`: run the batch as micro-batches (train.accumulate, engine/accumulate.py).
     """
-    with precision.autocast():
-        out = (model or method)(views, progress)
-    optimizer.zero_grad(set_to_none=True)
     scaler = precision.scaler
-    scaler.scale(out["loss"]).backward()
+    if accumulation is not None and accumulation.count > 1:
+        optimizer.zero_grad(set_to_none=True)
+        out = accumulation.run(method, model or method, views, progress, precision)
+    else:
+        with precision.autocast():
+            out = (model or method)(views, progress)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(out["loss"]).backward()
     if schedule is not None:
         schedule.drop_frozen_gradients(progress.step)
     if clip is not None:
