@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from selfsup.config import load_config, recipe_names, recipe_summary
 from selfsup.engine.collapse import CollapseError
@@ -181,15 +183,21 @@ def _train(args: argparse.Namespace) -> int:
         run = train(args.recipe, args.overrides)
     else:
         raise ValueError("give a recipe (see `selfsup recipes`) or --resume RUN_DIR")
-    print(f"run folder: {run.path}")
+    _say_run(run)
     return 0
+
+
+def _say_run(run: Any) -> None:
+    """The run folder, printed once: by torchrun's rank 0 (RANK in the environment) only."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"run folder: {run.path}")
 
 
 def _finetune(args: argparse.Namespace) -> int:
     from selfsup.engine.train import finetune
 
     run = finetune(args.run_dir, args.overrides, args.recipe)
-    print(f"run folder: {run.path}")
+    _say_run(run)
     return 0
 
 

@@ -83,6 +83,9 @@ class TrainConfig:
     checkpoint_minutes: float = 5.0  # save checkpoints/last.pt at least this often (and each epoch)
     log_every: int = 20  # steps between metric lines in metrics.jsonl
     knn_every: float = 1.0  # epochs between online kNN monitor evaluations; 0 disables
+    # steps between gradient decompositions of the loss (seed 002) logged to metrics.jsonl;
+    # 0 disables (engine/monitor.py GradientMonitor)
+    gradients_every: int = 0
     out_dir: str = "runs"
     name: str | None = None  # run folder name; None: <method>-<dataset>-<time>
     progress: bool = True  # progress bar on stderr
@@ -133,6 +136,7 @@ LIMITS: dict[type, dict[str, tuple[Any, str]]] = {
         "checkpoint_minutes": POSITIVE,
         "log_every": POSITIVE,
         "knn_every": NON_NEGATIVE,
+        "gradients_every": NON_NEGATIVE,
         "label_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
         "target_momentum": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     },

@@ -247,6 +247,7 @@ def _torchrun(*arguments: str) -> None:
         command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("run folder:") == 1, result.stdout  # rank 0 says it, once
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:

@@ -16,11 +16,10 @@ import selfsup
 from selfsup import losses
 from selfsup.cli import main
 from selfsup.config import resolve
-from selfsup.eval.gradients import (
+from selfsup.eval.decomposition import (
     ADAPTERS,
     barlow_twins_parts,
     cosine_parts,
-    gradient_decomposition,
     gradient_scalars,
     info_nce_parts,
     info_nce_probabilities,
@@ -28,6 +27,7 @@ from selfsup.eval.gradients import (
     unigrad_parts,
     vicreg_parts,
 )
+from selfsup.eval.gradients import gradient_decomposition
 from selfsup.registry import METHODS
 from selfsup.step import Progress, Views
 from selfsup.target import use_target_setting
@@ -353,3 +353,27 @@ def test_unsupported_method_names_the_supported_ones(tmp_path, capsys):
     assert main(["gradients", str(run)]) == 2
     assert "supported: " + ", ".join(ADAPTERS) in capsys.readouterr().err
     assert not Path(run / "gradients.json").exists()
+
+
+def test_training_logs_the_decomposition_every_n_steps_and_trains_exactly_as_without(tiny_config):
+    """train.gradients_every: lines in metrics.jsonl at the asked steps, and the training itself
+    unchanged (same final weights: the monitor restores the RNG and batch norm statistics)."""
+    tiny_config["train"].update(epochs=1, knn_every=0, name="plain")
+    plain = selfsup.train(resolve(tiny_config))
+    tiny_config["train"].update(gradients_every=3, name="logged")
+    logged = selfsup.train(resolve(tiny_config))
+    lines = [r for r in logged.metrics if r.get("event") == "gradients"]
+    steps = max(r["step"] for r in logged.metrics if "step" in r)
+    assert [r["step"] for r in lines] == list(range(3, steps + 1, 3))
+    for r in lines:
+        assert r["pos_norm"] > 0 and r["balance"] == pytest.approx(r["neg_norm"] / r["pos_norm"])
+    a = selfsup.load(plain.path).method.state_dict()
+    b = selfsup.load(logged.path).method.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gradients_every_refuses_a_method_without_a_decomposition(tiny_config):
+    tiny_config["method"] = {"name": "dino", "out_dim": 16, "hidden": 16, "bottleneck": 8}
+    tiny_config["train"].update(gradients_every=5)
+    with pytest.raises(ValueError, match="train.gradients_every: the gradient decomposition"):
+        selfsup.train(resolve(tiny_config))

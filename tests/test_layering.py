@@ -18,7 +18,7 @@ FLOORS = [
      "selfsup.eval.features", "selfsup.eval.knn", "selfsup.eval.linear",
      "selfsup.eval.statistics"],
     # methods: compositions of parts
-    ["selfsup.methods"],
+    ["selfsup.methods", "selfsup.eval.decomposition"],
     # assembly: config validated against the registries, parts built from it, the run folder
     ["selfsup.config", "selfsup.build", "selfsup.run"],
     # the engine: the loop for every task

@@ -86,11 +86,11 @@ class Accumulation:
         rng = [base + m for m in range(self.count)]
         state = dist.MicroBatches(self.count)
         if self.sweeps != 0:
-            saved = _batch_norm_state(method)
+            saved = batch_norm_state(method)
             self._record(method, parts, progress, precision, state, rng)
             if state.gathers:
                 self._gradients(method, parts, progress, precision, state, rng)
-            _restore(saved)  # those passes leave batch norm's running statistics as they were
+            restore_state(saved)  # those passes leave batch norm's running statistics as they were
         state.scale = (
             precision.scaler.get_scale() / self.count
             if precision.scaler.is_enabled()
@@ -203,8 +203,9 @@ def _set_rng_state(state: tuple[Tensor, list[Tensor] | None]) -> None:
         torch.cuda.set_rng_state_all(state[1])
 
 
-def _batch_norm_state(module: nn.Module) -> list[tuple[Tensor, Tensor]]:
-    """(buffer, its copy) for the running statistics of every batch norm layer."""
+def batch_norm_state(module: nn.Module) -> list[tuple[Tensor, Tensor]]:
+    """(buffer, its copy) for the running statistics of every batch norm layer: what a forward
+    pass in training mode changes, to be put back with `restore_state`."""
     return [
         (buffer, buffer.clone())
         for layer in module.modules()
@@ -213,7 +214,7 @@ def _batch_norm_state(module: nn.Module) -> list[tuple[Tensor, Tensor]]:
     ]
 
 
-def _restore(saved: list[tuple[Tensor, Tensor]]) -> None:
+def restore_state(saved: list[tuple[Tensor, Tensor]]) -> None:
     with torch.no_grad():
         for buffer, copy in saved:
             buffer.copy_(copy)

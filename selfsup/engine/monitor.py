@@ -1,4 +1,5 @@
-"""Online kNN monitor: a fixed labelled subset of train as the bank, part of test as queries."""
+"""Monitors during training: the online kNN (a fixed labelled subset of train as the bank, part
+of test as queries) and the gradient decomposition (eval/decomposition.py) on a fixed batch."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ from torch import Tensor, nn
 from selfsup.build import load_data
 from selfsup.config import Config
 from selfsup.data.datasets import ImageData
+from selfsup.engine.accumulate import batch_norm_state, restore_state
+from selfsup.eval.decomposition import ADAPTERS, decompose, with_balance
 from selfsup.eval.features import extract
 from selfsup.eval.knn import knn
+from selfsup.step import Views
 
 
 class KnnMonitor:
@@ -63,3 +67,47 @@ def _subset(data: ImageData, size: int, seed: int) -> ImageData:
         return data
     index: Tensor = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:size]
     return ImageData(data.images[index], data.labels[index], data.classes)
+
+
+class GradientMonitor:
+    """train.gradients_every: the gradient decomposition of the method's loss (seed 002: the
+    positive and negative gradient, their balance and angles) on one fixed batch of training
+    images, its views drawn anew each time from a generator seeded by (train.seed, step).
+
+    It leaves training exactly as it would be without it: torch's global RNG is restored after
+    it, and so are batch norm's running statistics (its forward runs in training mode, as a
+    step's). Under torchrun every process computes it (MoCo's shuffled BN and synchronised BN
+    exchange tensors), rank 0 logs it."""
+
+    BATCH = 256  # images of the probe batch, at most optim.batch_size
+
+    def __init__(self, name: str, images: Tensor, views: Any, seed: int, device: Any) -> None:
+        self.name, self.images, self.views = name, images, views
+        self.seed, self.device = seed, device
+
+    @classmethod
+    def create(
+        cls, config: Config, train: ImageData, views: Any, device: Any
+    ) -> GradientMonitor | None:
+        if config.train.gradients_every == 0:
+            return None
+        name = config.method["name"]
+        if name not in ADAPTERS:
+            raise ValueError(
+                f"train.gradients_every: the gradient decomposition of method '{name}' is not "
+                f"supported (supported: {', '.join(ADAPTERS)}); set train.gradients_every=0"
+            )
+        size = min(cls.BATCH, config.optim.batch_size, len(train))
+        generator = torch.Generator().manual_seed(config.train.seed)
+        index = torch.randperm(len(train), generator=generator)[:size]
+        return cls(name, train.images[index], views, config.train.seed, device)
+
+    def __call__(self, method: nn.Module, step: int) -> dict[str, float]:
+        saved = batch_norm_state(method)
+        with torch.random.fork_rng(devices=[]):  # MoCo's shuffle draws from the global RNG
+            torch.manual_seed(self.seed * 1_000_003 + step)
+            generator = torch.Generator(self.device).manual_seed(self.seed * 1_000_003 + step)
+            large, small = self.views(self.images.to(self.device), generator)
+            scalars = decompose(method, self.name, Views(large, small))
+        restore_state(saved)
+        return with_balance(scalars)

@@ -33,7 +33,7 @@ from selfsup.data.subsets import labelled_indices, save_labelled, subset
 from selfsup.engine.accumulate import Accumulation
 from selfsup.engine.collapse import CollapseError, CollapseGuard
 from selfsup.engine.log import ProgressBar
-from selfsup.engine.monitor import KnnMonitor
+from selfsup.engine.monitor import GradientMonitor, KnnMonitor
 from selfsup.engine.optim import Schedule, build_optimizer
 from selfsup.files import (
     CheckpointError,
@@ -135,6 +135,7 @@ def _train(
     last_step = min(total_steps, settings.max_steps or total_steps)
     log = MetricsLog(run.metrics_path)
     monitor = KnnMonitor.create(config, data, parts.views, parts.device) if main else None
+    gradients = GradientMonitor.create(config, train_data, parts.views, parts.device)
     guard = CollapseGuard.create(config, data, parts.views, parts.device) if main else None
 
     step, seconds_before = 0, 0.0  # seconds_before: training time of earlier sittings
@@ -206,6 +207,11 @@ def _train(
                 if main:
                     log.write(line)
                 sums, window_start, window_steps = {}, time.perf_counter(), 0
+            if gradients is not None and step % settings.gradients_every == 0:
+                decomposition = gradients(method, step)  # on every process (see GradientMonitor)
+                if main:
+                    epoch = round(step / steps_per_epoch, 4)
+                    log.write({"event": "gradients", "step": step, "epoch": epoch, **decomposition})
             bar.update(step, loss=out["loss"].detach())  # a float only when the bar is drawn
 
             epoch_end = step % steps_per_epoch == 0
