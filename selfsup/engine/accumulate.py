@@ -164,7 +164,9 @@ class Accumulation:
                     break
                 if not learning and sweeps == self.sweeps:
                     break
-                if learning and state.settled():
+                # every process sweeps as often as the slowest to settle: the sweeps' gathers
+                # and synchronised batch norms are collectives that must pair up
+                if learning and dist.maximum(0.0 if state.settled() else 1.0) == 0.0:
                     self.sweeps = sweeps - 1  # the sweep before this one was already right
                     break
                 if sweeps == MAX_SWEEPS + 1:
