@@ -27,6 +27,7 @@ supervised) run as plain accumulation. Under DDP each micro-batch's backward exc
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -97,16 +98,10 @@ class Accumulation:
             else 1 / self.count
         )
         outs = []
-        for m, part in enumerate(parts):
-            torch.manual_seed(rng[m])  # the same random draws as its recording
+        for out in _passes(model, parts, progress, precision, state, rng, "live"):
             # Under DDP every backward pass averages its gradients over the processes and adds
             # them to .grad (DDP's static graph does not allow no_sync): M exchanges, not one.
-            with dist.micro_batches(state):
-                state.begin(m, "live")
-                with precision.autocast():
-                    out = model(part, progress)
-                state.end()
-                precision.scaler.scale(out["loss"] / self.count).backward()
+            precision.scaler.scale(out["loss"] / self.count).backward()
             outs.append(out)
         _set_rng_state(after)  # the global RNG goes on from its one draw
         return merge(outs)
@@ -118,7 +113,7 @@ class Accumulation:
         progress: Progress,
         precision: Any,
         state: dist.MicroBatches,
-        rng: Any,
+        rng: list[int],
     ) -> None:
         """Σ_j ∂L_j/∂G for every gather G, with the parameters frozen so that only the loss's
         part of the graph is built."""
@@ -126,14 +121,9 @@ class Accumulation:
         for p in trainable:
             p.requires_grad_(False)
         try:
-            for m, part in enumerate(parts):
-                torch.manual_seed(rng[m])
-                with dist.micro_batches(state):
-                    state.begin(m, "gradient")
-                    with torch.enable_grad(), precision.autocast():
-                        loss = method(part, progress)["loss"]
-                    state.end()
-                    state.backward(loss)
+            with torch.enable_grad():
+                for out in _passes(method, parts, progress, precision, state, rng, "gradient"):
+                    state.backward(out["loss"])
         finally:
             for p in trainable:
                 p.requires_grad_(True)
@@ -146,18 +136,14 @@ class Accumulation:
         progress: Progress,
         precision: Any,
         state: dist.MicroBatches,
-        rng: Any,
+        rng: list[int],
     ) -> None:
         learning = self.sweeps is None
         sweeps = 0
         with torch.no_grad():
             while True:
-                for m, part in enumerate(parts):
-                    torch.manual_seed(rng[m])
-                    with dist.micro_batches(state):
-                        state.begin(m, "record")
-                        with precision.autocast():
-                            method(part, progress)
+                for _ in _passes(method, parts, progress, precision, state, rng, "record"):
+                    pass
                 sweeps += 1
                 if not state.used:  # no gathers: plain accumulation from now on
                     self.sweeps = 0
@@ -174,6 +160,28 @@ class Accumulation:
                         f"train.accumulate: the method's gathered inputs still change after "
                         f"{MAX_SWEEPS} sweeps over the micro-batches; set train.accumulate=1"
                     )
+
+
+def _passes(
+    module: nn.Module,
+    parts: list[Views],
+    progress: Progress,
+    precision: Any,
+    state: dist.MicroBatches,
+    rng: list[int],
+    mode: str,
+) -> Iterator[dict[str, Any]]:
+    """Each micro-batch's forward as a `mode` pass of `state`, with that micro-batch's seed (the
+    same random draws in each of its passes); yields the output inside the pass, so that the
+    caller's backward belongs to it."""
+    for m, part in enumerate(parts):
+        torch.manual_seed(rng[m])
+        with dist.micro_batches(state):
+            state.begin(m, mode)
+            with precision.autocast():
+                out = module(part, progress)
+            state.end()
+            yield out
 
 
 def merge(outs: list[dict[str, Any]]) -> dict[str, Any]:
