@@ -144,6 +144,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="for the probes")
     p.set_defaults(func=_gap)
 
+    p = sub.add_parser(
+        "momentum", help="each recipe with a stop-gradient and a momentum target, side by side"
+    )
+    p.add_argument("recipes", nargs="+", help="recipe names or YAML paths (e.g. simclr/...)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=float, help="pre-training epochs of every run")
+    length.add_argument("--minutes", type=float, help="or a time budget for every run")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="for every recipe")
+    p.add_argument("--batches", type=int, default=4, help="seeded batches of the decomposition")
+    p.add_argument("--out", default="runs/momentum", help="runs and table (reused)")
+    p.add_argument("--device", default="auto", help="for the probes and the decomposition")
+    p.set_defaults(func=_momentum)
+
     p = sub.add_parser("recipes", help="list the recipes")
     p.set_defaults(func=_recipes)
     p = sub.add_parser("methods", help="list the methods")
@@ -367,6 +381,24 @@ def _gap(args: argparse.Namespace) -> int:
     )
     print(markdown(table))
     print(f"\ntable: {args.out}/gap.md (.json)")
+    return 0
+
+
+def _momentum(args: argparse.Namespace) -> int:
+    from selfsup.eval.momentum import markdown, momentum_experiment
+
+    table = momentum_experiment(
+        args.recipes,
+        args.epochs,
+        args.minutes,
+        args.seed,
+        args.set,
+        args.out,
+        args.batches,
+        args.device,
+    )
+    print(markdown(table))
+    print(f"\ntable: {args.out}/momentum.md (.json)")
     return 0
 
 

@@ -151,6 +151,26 @@ def trained(wanted: Config, path: Path, minutes: float | None) -> Run:
         return Run(path)  # its metrics end with the "collapse" event
 
 
+def length_overrides(epochs: float | None, minutes: float | None) -> list[str]:
+    """The overrides that set every run's length: `epochs`, a budget of `minutes`, or (neither)
+    the recipes' own epochs; checked as --epochs / --minutes."""
+    if epochs is not None and minutes is not None:
+        raise ValueError("give --epochs or --minutes, not both")
+    for option, value in (("--epochs", epochs), ("--minutes", minutes)):
+        if value is not None and not value > 0:
+            raise ValueError(f"{option} must be > 0, got {value}")
+    if epochs is not None:
+        return [f"train.epochs={epochs}"]
+    return [f"train.budget_minutes={minutes}"] if minutes is not None else []
+
+
+def describe_length(epochs: float | None, minutes: float | None) -> str:
+    """How `length_overrides` set the runs, for a table's caption."""
+    if epochs is not None:
+        return f"train.epochs={epochs:g}"
+    return f"train.budget_minutes={minutes:g}" if minutes is not None else "the recipes' own epochs"
+
+
 def check_reusable(run: Run, wanted: Config, minutes: float | None) -> None:
     """Raise unless `run` was trained as `wanted` would be. A budget's epochs are measured and
     written to the run's config, the budget is in its "budget" event; without a budget the

@@ -30,6 +30,17 @@ def tiny_config(tmp_path):
     }
 
 
+@pytest.fixture
+def study_config(tiny_config):
+    """tiny_config for the studies that train several runs (gap, momentum): 4 synthetic classes
+    of 16 images, batch 8, no kNN monitor or collapse guard, probes cut to seconds."""
+    tiny_config["data"].update(num_classes=4, per_class=16)
+    tiny_config["optim"]["batch_size"] = 8
+    tiny_config["train"].update(knn_every=0, collapse_guard=False)
+    tiny_config["eval"].update(linear_epochs=5, linear_weight_decay=1e-4)
+    return tiny_config
+
+
 class Constant(torch.nn.Module):
     """An encoder that maps every image to the same vector: a collapsed representation."""
 

@@ -99,13 +99,10 @@ def test_pre_classes_that_are_not_integers_are_an_error():
 
 
 @pytest.fixture
-def recipes(tiny_config, tmp_path):
-    """Tiny SimCLR and supervised recipes on 4 synthetic classes of 16 images (the supervised one
-    with another backbone: the study gives it the recipe's); probes cut to seconds."""
-    tiny_config["data"].update(num_classes=4, per_class=16)
-    tiny_config["optim"]["batch_size"] = 8
-    tiny_config["train"].update(knn_every=0, collapse_guard=False)
-    tiny_config["eval"].update(linear_epochs=5, linear_weight_decay=1e-4)
+def recipes(study_config, tmp_path):
+    """Tiny SimCLR and supervised recipes (conftest's study_config; the supervised one with
+    another backbone: the study gives it the recipe's)."""
+    tiny_config = study_config
     simclr = tmp_path / "simclr.yaml"
     simclr.write_text(yaml.safe_dump(tiny_config))
     tiny_config["method"] = {"name": "supervised"}

@@ -25,7 +25,8 @@ FLOORS = [
     ["selfsup.engine"],
     # what runs on finished runs: evaluation protocols, embedding, export
     ["selfsup.eval.protocols", "selfsup.eval.stages", "selfsup.eval.gradients",
-     "selfsup.eval.analysis", "selfsup.compare", "selfsup.report", "selfsup.eval.gap"],
+     "selfsup.eval.analysis", "selfsup.compare", "selfsup.report", "selfsup.eval.gap",
+     "selfsup.eval.momentum"],
     # entry points
     ["selfsup.cli", "selfsup.__main__", "selfsup"],
 ]  # fmt: skip

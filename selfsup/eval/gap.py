@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from selfsup.build import load_data
-from selfsup.compare import collapse_event, slug, trained
+from selfsup.compare import collapse_event, describe_length, length_overrides, slug, trained
 from selfsup.config import (
     Config,
     apply_overrides,
@@ -88,11 +88,7 @@ def semantic_gap(
     `minutes` each (neither: the recipes' own epochs), probe every encoder on eval-D (the other
     classes) and pre-D, and write the table (gap.md, gap.json) into `out`. `overrides` apply to
     `recipe`, and their train.* and eval.* keys to the supervised baseline too."""
-    if epochs is not None and minutes is not None:
-        raise ValueError("give --epochs or --minutes, not both")
-    for option, value in (("--epochs", epochs), ("--minutes", minutes)):
-        if value is not None and not value > 0:
-            raise ValueError(f"{option} must be > 0, got {value}")
+    lengths = length_overrides(epochs, minutes)
     sizes = _check_sizes(sizes)
     config = load_config(recipe, list(overrides))
     chosen = [key for key in SELECTION_KEYS if key in config.data]
@@ -117,11 +113,6 @@ def semantic_gap(
                 f"recipe's data and backbone)"
             )
     baseline = _supervised_config(config, supervised, overrides)
-    length = (
-        [f"train.epochs={epochs}"] if epochs is not None
-        else [f"train.budget_minutes={minutes}"] if minutes is not None
-        else []
-    )  # fmt: skip
     out = Path(out)
     rows = []
     for number, size in enumerate(sizes, 1):
@@ -129,7 +120,7 @@ def semantic_gap(
         row: dict[str, Any] = {"size": size}
         for role, name, base in (("ssl", recipe, config), ("supervised", supervised, baseline)):
             print(f"[{number}/{len(sizes)}] size {size:g}: {name}", file=sys.stderr)
-            wanted = base.replace([*data, f"train.seed={seed}", *length])
+            wanted = base.replace([*data, f"train.seed={seed}", *lengths])
             run = trained(wanted, out / f"{slug(name)}-size{size:g}-seed{seed}", minutes)
             row["images"] = run.info["train_size"]  # the same images for both: same data, seed
             row[role] = _probed(run, config.data, {"eval": eval_d, "pre": pre}, device)
@@ -236,11 +227,7 @@ COLUMNS = [
 
 def markdown(table: dict[str, Any]) -> str:
     """The study as a markdown table: one row per pre-D size, top-1 in %."""
-    length = (
-        f"train.epochs={table['epochs']:g}" if table["epochs"] is not None
-        else f"train.budget_minutes={table['minutes']:g}" if table["minutes"] is not None
-        else "the recipes' own epochs"
-    )  # fmt: skip
+    how_long = describe_length(table["epochs"], table["minutes"])
     backbone = ", ".join(f"{k}={v}" for k, v in table["backbone"].items())
 
     def listed(ids: list[int], names: list[str]) -> str:
@@ -250,7 +237,7 @@ def markdown(table: dict[str, Any]) -> str:
     lines = [
         f"{table['recipe']} and {table['supervised']} ({backbone}), pre-trained on pre-D = "
         f"{table['data']['name']} classes {listed(table['pre_classes'], table['pre_names'])} at "
-        f"each size ({length}, seed {table['seed']}); probed on eval-D = classes "
+        f"each size ({how_long}, seed {table['seed']}); probed on eval-D = classes "
         f"{listed(table['eval_classes'], table['eval_names'])}. Top-1 %.",
         "",
         "| pre-D size | pre-D images | " + " | ".join(title for title, _, _ in COLUMNS) + " |",
