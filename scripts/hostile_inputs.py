@@ -4,6 +4,7 @@ classified by what the user sees. Writes the table of docs/hostile_input.md.
 
     python scripts/hostile_inputs.py                  # prints the markdown table
     python scripts/hostile_inputs.py -o docs/hostile_input.md
+    python scripts/hostile_inputs.py --only "output folder"   # one group of cases
 
 Outcomes: "clear error" (exit 2, one line naming the problem, no traceback), "accepted" (exit 0;
 the expected outcome where the input is valid, e.g. mixed image modes), "skipped and counted"
@@ -234,17 +235,31 @@ def cases(root: Path) -> list[Case]:
         for command in (["eval", "knn"], ["train", "--resume"]):
             found.append(Case("run folder", f"{what}: {' '.join(command)}", [*command, str(path)],
                               "error"))  # fmt: skip
+    blocker = root / "results.txt"
+    blocker.write_text("a file where an output folder should go")
+    for what, args in {
+        "train: train.out_dir is a file": [*train, f"train.out_dir={blocker}"],
+        "train: train.out_dir lies inside a file": [*train, f"train.out_dir={blocker}/runs"],
+        "compare --out is a file": ["compare", "simclr/fashion_mnist", "--out", str(blocker)],
+        "gap --out is a file": ["gap", "simclr/fashion_mnist", "--pre-classes", "0,1",
+                                "--out", str(blocker)],
+        "momentum --out is a file": ["momentum", "simclr/fashion_mnist", "--out", str(blocker)],
+    }.items():  # fmt: skip
+        found.append(Case("output folder", what, args, "error"))
     return found
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-o", "--output", help="write the markdown table here")
+    parser.add_argument("--only", help="run only the cases of this input group, e.g. checkpoint")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         rows, counts = [], {}
         for case in cases(root):
+            if args.only is not None and case.group != args.only:
+                continue
             outcome, shown = run_case(case, root)
             counts[outcome] = counts.get(outcome, 0) + 1
             shown = shown.replace(tmp, "…").replace("|", "\\|")

@@ -27,6 +27,7 @@ from selfsup.engine.collapse import CollapseError
 from selfsup.engine.log import format_duration
 from selfsup.engine.train import train
 from selfsup.eval.protocols import evaluate, pixel_baselines
+from selfsup.files import make_folder
 from selfsup.plot import plot_series
 from selfsup.run import Run
 
@@ -55,9 +56,9 @@ def compare(
         raise ValueError(f"--minutes must be > 0, got {minutes}")
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds must be distinct integers, got {list(seeds)}")
-    out = Path(out)
     configs = {recipe: load_config(recipe, list(overrides)) for recipe in dict.fromkeys(recipes)}
     _check_shared(configs)
+    out = make_folder(out, "--out")
     jobs = [(recipe, seed) for recipe in configs for seed in seeds]
     runs = []
     for number, (recipe, seed) in enumerate(jobs, 1):
@@ -77,7 +78,6 @@ def compare(
         "pixels": pixels,
         "runs": runs,
     }
-    out.mkdir(parents=True, exist_ok=True)
     (out / "compare.json").write_text(json.dumps(table, indent=1))
     (out / "compare.md").write_text(markdown(table) + "\n")
     _chart(runs, out / "compare.png", minutes)

@@ -25,6 +25,30 @@ class CheckpointError(ValueError):
     and what to do (a ValueError: the CLI prints it as one line)."""
 
 
+def make_folder(path: str | Path, option: str) -> Path:
+    """Create the folder `path` with its parents, or raise a ValueError that names `option` (the
+    setting it came from), what stood in the way and what to do."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        reason = error.strerror or str(error)
+        if isinstance(error, (FileExistsError, NotADirectoryError)):
+            reason = f"{_blocking_file(path)} is a file, not a folder"
+        raise ValueError(
+            f"{option}: cannot create the folder {path}: {reason}; choose another {option}"
+        ) from None
+    return path
+
+
+def _blocking_file(path: Path) -> Path:
+    """The first of `path` and its parents that exists as something other than a folder."""
+    for part in reversed([path, *path.parents]):
+        if part.exists() and not part.is_dir():
+            return part
+    return path
+
+
 def save_atomic(state: dict[str, Any], path: Path, previous: Path | None = None) -> None:
     """torch.save to a temporary file in the same folder, fsync, then rename over `path`; with
     `previous`, the file `path` held moves there first (the last two stay on disk). A failed

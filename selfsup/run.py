@@ -24,7 +24,13 @@ import yaml
 
 from selfsup.build import FROM_RUNS, build_method, build_views, copy_run_files, read_run_files
 from selfsup.config import Config
-from selfsup.files import load_checkpoint, load_weights, previous_checkpoint, read_metrics
+from selfsup.files import (
+    load_checkpoint,
+    load_weights,
+    make_folder,
+    previous_checkpoint,
+    read_metrics,
+)
 from selfsup.methods.base import Method
 
 
@@ -48,7 +54,7 @@ class Run:
                 f"run folder {path} exists; continue it with `selfsup train --resume {path}` "
                 f"or choose another train.name"
             )
-        path.mkdir(parents=True, exist_ok=True)
+        make_folder(path, "train.name")  # train.out_dir itself was made when training began
         (path / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         (path / "data.json").write_text(json.dumps(info, indent=1))
         for key, _ in FROM_RUNS.values():  # what rebuilds the runs it starts from

@@ -1,6 +1,8 @@
 """Bad input as a new user gives it: one clear line naming the problem and the fix, never a
 traceback from inside yaml or torch (docs/hostile_input.md lists every case)."""
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -152,3 +154,30 @@ def test_bad_labels_in_an_npz_file_are_refused(tmp_path, labels, expected):
 def test_labels_beyond_the_class_names_are_refused():
     with pytest.raises(ValueError, match="class ids 0..1; image 2 has label 2"):
         ImageData(torch.zeros(3, 1, 4, 4, dtype=torch.uint8), torch.tensor([0, 1, 2]), ["a", "b"])
+
+
+@pytest.mark.parametrize(
+    ("command", "option"),
+    [
+        (["train", "simclr/fashion_mnist", "train.out_dir={blocked}"], "train.out_dir"),
+        (["compare", "simclr/fashion_mnist", "--out", "{blocked}"], "--out"),
+        (["momentum", "simclr/fashion_mnist", "--out", "{blocked}"], "--out"),
+    ],
+    ids=["train", "compare", "momentum"],
+)
+def test_an_output_folder_where_a_file_stands_fails_before_any_work(
+    tmp_path, capsys, monkeypatch, command, option
+):
+    blocker = tmp_path / "results.txt"
+    blocker.write_text("not a folder")
+    monkeypatch.setattr(importlib.import_module("selfsup.engine.train"), "load_data", _no_work)
+    for blocked in (blocker, blocker / "runs"):
+        argv = [part.format(blocked=blocked) for part in command]
+        assert main(argv) == 2
+        err = _error_line(capsys)
+        assert f"{option}: cannot create the folder {blocked}" in err
+        assert f"{blocker} is a file, not a folder; choose another {option}" in err
+
+
+def _no_work(*args, **kwargs):
+    raise AssertionError("the output folder is checked before any data is read")

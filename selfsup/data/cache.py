@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from selfsup.data import formats
+from selfsup.files import make_folder
 
 SAVE_SECONDS = 10.0  # how often an interrupted decode's progress is saved
 REPORT_SECONDS = 10.0  # how often progress is printed
@@ -58,10 +59,7 @@ def cached_image_folder(
     workers = workers or max(os.cpu_count() or 1, 1)
     key = _key(folder, files, size, channels)
     cache = Path(cache)
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ValueError(f"data.cache={cache}: cannot create the folder ({error})") from None
+    make_folder(cache, "data.cache")
     meta_path = cache / f"{key}.json"
     if not meta_path.is_file():
         with _pool(workers) as pool:

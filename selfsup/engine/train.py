@@ -38,6 +38,7 @@ from selfsup.engine.optim import Schedule, build_optimizer
 from selfsup.files import (
     CheckpointError,
     MetricsLog,
+    make_folder,
     one_line,
     rng_state,
     save_checkpoint,
@@ -104,6 +105,8 @@ def _train(
     if settings.threads:
         torch.set_num_threads(settings.threads)
 
+    if resume is None:
+        make_folder(settings.out_dir, "train.out_dir")  # before the data and the budget's steps
     data = load_data(config, "train")
     run_dir = run.path if resume is not None else None
     # Semi-supervised: the method trains on the labelled subset; the kNN monitor and the collapse

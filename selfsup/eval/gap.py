@@ -42,6 +42,7 @@ from selfsup.config import (
 )
 from selfsup.data.selection import SELECTION_KEYS, describe
 from selfsup.eval.protocols import PROTOCOLS, evaluate
+from selfsup.files import make_folder
 from selfsup.registry import METHODS
 from selfsup.run import Run
 
@@ -113,7 +114,7 @@ def semantic_gap(
                 f"recipe's data and backbone)"
             )
     baseline = _supervised_config(config, supervised, overrides)
-    out = Path(out)
+    out = make_folder(out, "--out")
     rows = []
     for number, size in enumerate(sizes, 1):
         data = [f"data.classes={pre}", *([f"data.fraction={size}"] if size < 1 else [])]
@@ -142,7 +143,6 @@ def semantic_gap(
         "rows": rows,
         "gain": _gain(rows),
     }
-    out.mkdir(parents=True, exist_ok=True)
     (out / "gap.json").write_text(json.dumps(table, indent=1))
     (out / "gap.md").write_text(markdown(table) + "\n")
     return table

@@ -42,6 +42,7 @@ from selfsup.config import Config, load_config
 from selfsup.eval.decomposition import ADAPTERS
 from selfsup.eval.gradients import gradient_decomposition
 from selfsup.eval.protocols import evaluate
+from selfsup.files import make_folder
 from selfsup.registry import METHODS
 
 ARMS = ("stop_gradient", "momentum")
@@ -67,7 +68,7 @@ def momentum_experiment(
     if batches < 1:
         raise ValueError(f"--batches must be >= 1, got {batches}")
     configs = {recipe: _checked(recipe, overrides) for recipe in dict.fromkeys(recipes)}
-    out = Path(out)
+    out = make_folder(out, "--out")
     rows = []
     for number, (recipe, config) in enumerate(configs.items(), 1):
         row: dict[str, Any] = {"recipe": recipe, "method": config.method["name"]}
@@ -84,7 +85,6 @@ def momentum_experiment(
         "overrides": list(overrides),
         "rows": rows,
     }
-    out.mkdir(parents=True, exist_ok=True)
     (out / "momentum.json").write_text(json.dumps(table, indent=1))
     (out / "momentum.md").write_text(markdown(table) + "\n")
     return table
