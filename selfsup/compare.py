@@ -109,10 +109,7 @@ def _run(config: Config, recipe: str, seed: int, minutes: float, out: Path) -> d
             "img_per_s": float("nan"), "knn_curve": [], "collapsed_at_step": collapse["step"],
             **{key: float("nan") for key in ACCURACIES},
         }  # fmt: skip
-    results_path = run.path / "eval.json"
-    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    if not set(ACCURACIES) <= set(results):
-        results = evaluate(run)
+    results = probed(run)
     metrics = run.metrics
     timed = [r for r in metrics if "seconds" in r]
     seconds = timed[-1]["seconds"] if timed else float("nan")
@@ -128,6 +125,13 @@ def _run(config: Config, recipe: str, seed: int, minutes: float, out: Path) -> d
         "knn_curve": [(r["seconds"], r["knn_top1"]) for r in timed if "knn_top1" in r],
         **{key: results[key] for key in ACCURACIES},
     }
+
+
+def probed(run: Run, device: str = "auto") -> dict[str, Any]:
+    """kNN and linear top-1 of a run's encoder: read from <run>/eval.json where measured."""
+    path = run.path / "eval.json"
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    return results if set(ACCURACIES) <= set(results) else evaluate(run, device=device)
 
 
 def slug(recipe: str) -> str:
@@ -212,7 +216,6 @@ def _pixels(config: Config, out: Path) -> dict[str, float]:
             return stored["results"]
     print("raw-pixel baselines", file=sys.stderr)
     results = pixel_baselines(config)
-    out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"data": key, "results": results}, indent=1))
     return results
 

@@ -58,7 +58,7 @@ def test_both_arms_are_trained_probed_decomposed_tabulated_and_reused(
     assert json.loads((out / "momentum.json").read_text())["rows"] == table["rows"]
 
     monkeypatch.setattr(compare_module, "train", lambda *a, **k: pytest.fail("retrained"))
-    monkeypatch.setattr(momentum_module, "evaluate", lambda *a, **k: pytest.fail("probed again"))
+    monkeypatch.setattr(compare_module, "evaluate", lambda *a, **k: pytest.fail("probed again"))
     monkeypatch.setattr(
         momentum_module, "gradient_decomposition", lambda *a, **k: pytest.fail("decomposed again")
     )

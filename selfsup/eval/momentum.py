@@ -35,13 +35,13 @@ from selfsup.compare import (
     collapse_event,
     describe_length,
     length_overrides,
+    probed,
     slug,
     trained,
 )
 from selfsup.config import Config, load_config
 from selfsup.eval.decomposition import ADAPTERS
 from selfsup.eval.gradients import gradient_decomposition
-from selfsup.eval.protocols import evaluate
 from selfsup.files import make_folder
 from selfsup.registry import METHODS
 
@@ -117,10 +117,7 @@ def _measured(run: Any, batches: int, device: str) -> dict[str, Any]:
         print(f"  collapsed: {collapse['message']}", file=sys.stderr)
         nan = dict.fromkeys((*ACCURACIES, *GRADIENT_KEYS), math.nan)
         return {**row, "collapsed_at_step": collapse["step"], **nan}
-    path = run.path / "eval.json"
-    results = json.loads(path.read_text()) if path.is_file() else {}
-    if not set(ACCURACIES) <= set(results):
-        results = evaluate(run, device=device)
+    results = probed(run, device)
     path = run.path / "gradients.json"
     gradients = json.loads(path.read_text()) if path.is_file() else {}
     if gradients.get("batches") != batches:
