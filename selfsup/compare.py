@@ -26,7 +26,7 @@ from selfsup.config import Config, load_config
 from selfsup.engine.collapse import CollapseError
 from selfsup.engine.log import format_duration
 from selfsup.engine.train import train
-from selfsup.eval.protocols import evaluate, pixel_baselines
+from selfsup.eval.protocols import evaluate, pixel_baselines, stored_results
 from selfsup.files import make_folder
 from selfsup.plot import plot_series
 from selfsup.run import Run
@@ -129,8 +129,7 @@ def _run(config: Config, recipe: str, seed: int, minutes: float, out: Path) -> d
 
 def probed(run: Run, device: str = "auto") -> dict[str, Any]:
     """kNN and linear top-1 of a run's encoder: read from <run>/eval.json where measured."""
-    path = run.path / "eval.json"
-    results = json.loads(path.read_text()) if path.is_file() else {}
+    results = stored_results(run)
     return results if set(ACCURACIES) <= set(results) else evaluate(run, device=device)
 
 

@@ -361,19 +361,20 @@ def _check_label_fraction(method: str, fraction: float | None) -> None:
         )
 
 
+def target_settings(method: str) -> tuple[str, ...]:
+    """The train.target values a method accepts ("method" alone: it has no target branch)."""
+    return getattr(METHODS.get(method), "target_settings", ("method",))
+
+
 def _check_target(method: str, setting: str) -> None:
     if setting not in TARGET_SETTINGS:
         raise ValueError(
             f"unknown train.target '{setting}'{suggest(setting, list(TARGET_SETTINGS))}; valid: "
             f"{', '.join(TARGET_SETTINGS)}"
         )
-
-    def settings(name: str) -> tuple[str, ...]:
-        return getattr(METHODS.get(name), "target_settings", ("method",))
-
-    valid = settings(method)
+    valid = target_settings(method)
     if setting not in valid:
-        others = [n for n in METHODS.names() if setting in settings(n)]
+        others = [n for n in METHODS.names() if setting in target_settings(n)]
         raise ValueError(
             f"train.target={setting} changes a method's target branch, and method '{method}' has "
             f"none; valid for '{method}': {', '.join(valid)} (methods with one: "

@@ -41,7 +41,7 @@ from selfsup.config import (
     resolve,
 )
 from selfsup.data.selection import SELECTION_KEYS, describe
-from selfsup.eval.protocols import PROTOCOLS, evaluate
+from selfsup.eval.protocols import PROTOCOLS, evaluate, stored_results
 from selfsup.files import make_folder
 from selfsup.registry import METHODS
 from selfsup.run import Run
@@ -187,8 +187,7 @@ def _probed(
         print(f"  collapsed: {collapse['message']}", file=sys.stderr)
         nan = {f"{part}_{p}_top1": math.nan for part in parts for p in PROTOCOLS}
         return {"run": str(run.path), "collapsed_at_step": collapse["step"], **nan}
-    path = run.path / "eval.json"
-    stored = json.loads(path.read_text()) if path.is_file() else {}
+    stored = stored_results(run)
     results: dict[str, Any] = {"run": str(run.path)}
     for part, classes in parts.items():
         spec = {**data, "classes": classes}

@@ -39,7 +39,7 @@ from selfsup.compare import (
     slug,
     trained,
 )
-from selfsup.config import Config, load_config
+from selfsup.config import Config, load_config, target_settings
 from selfsup.eval.decomposition import ADAPTERS
 from selfsup.eval.gradients import gradient_decomposition
 from selfsup.files import make_folder
@@ -96,12 +96,9 @@ def _checked(recipe: str, overrides: Sequence[str]) -> Config:
     if any(item.split("=", 1)[0].strip() == "train.target" for item in overrides):
         raise ValueError("the experiment sets train.target itself; remove it from --set")
     name = config.method["name"]
-    settings = getattr(METHODS.get(name), "target_settings", ("method",))
-    if not set(ARMS) <= set(settings) or name not in ADAPTERS:
-        usable = [
-            m for m in METHODS.names()
-            if set(ARMS) <= set(getattr(METHODS.get(m), "target_settings", ())) and m in ADAPTERS
-        ]  # fmt: skip
+    if not set(ARMS) <= set(target_settings(name)) or name not in ADAPTERS:
+        both = [m for m in METHODS.names() if set(ARMS) <= set(target_settings(m))]
+        usable = [m for m in both if m in ADAPTERS]
         raise ValueError(
             f"recipe {recipe} trains method '{name}', which has no stop-gradient/momentum "
             f"switch with a gradient decomposition; methods that have both: {', '.join(usable)}"

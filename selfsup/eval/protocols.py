@@ -124,6 +124,12 @@ def probe_data(
     return describe(spec), train, test, _resized_first(transform, run.info["image_size"])
 
 
+def stored_results(run: Run) -> dict[str, float]:
+    """Every result merged into <run>/eval.json so far ({} before the first evaluation)."""
+    path = run.path / "eval.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def evaluate(
     run_dir: str | Path | Run,
     protocols: list[str] | tuple[str, ...] = PROTOCOLS,
@@ -175,10 +181,8 @@ def evaluate(
     results = {f"{prefix}{key}": value for key, value in results.items()}
     step = run.checkpoint()["step"]
     MetricsLog(run.metrics_path).write({"event": "eval", "data": name, "step": step, **results})
-    stored = run.path / "eval.json"
-    merged = json.loads(stored.read_text()) if stored.is_file() else {}
-    merged.update(results)
-    stored.write_text(json.dumps(merged, indent=1))
+    merged = {**stored_results(run), **results}
+    (run.path / "eval.json").write_text(json.dumps(merged, indent=1))
     return results
 
 
