@@ -4,16 +4,16 @@ run = selfsup.train("simclr/fashion_mnist", ["train.epochs=1"])
 selfsup.evaluate(run)                      # {"knn_top1": ..., "linear_top1": ...}
 features = selfsup.embed(run, "fashion_mnist:test")
 tuned = selfsup.finetune(run)              # its encoder + a new head, trained on the labels
-selfsup.compare(["simclr/fashion_mnist", "byol/fashion_mnist"], minutes=8)   # one table
+selfsup.studies.compare(["simclr/fashion_mnist", "byol/fashion_mnist"], minutes=8)   # one table
 """
 
 from selfsup.backbones import create_backbone
-from selfsup.compare import compare
 from selfsup.config import Config, load_config
 from selfsup.engine.train import finetune, train
 from selfsup.eval.protocols import embed, evaluate, export, pixel_baselines
 from selfsup.registry import BACKBONES, DATASETS, METHODS, VIEWS
 from selfsup.run import Run, load
+from selfsup.studies.compare import compare
 
 __all__ = [
     "BACKBONES",

@@ -5,20 +5,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 
-from selfsup.config import load_config, recipe_names, recipe_summary
+from selfsup.config import recipe_names, recipe_summary
 from selfsup.engine.collapse import CollapseError
 from selfsup.engine.log import format_duration
 from selfsup.registry import METHODS
-
-DEMO_RECIPE = "simclr/fashion_mnist"
-DEMO_MINUTES = 15.0
-# Kept from the demo's budget for evaluating (kNN and linear probe of the features and of the raw
-# pixels): about 1:10 on the faster and, estimated, 2:20 on the slower of the 2-core machines.
-EVAL_RESERVE_MINUTES = 3.0
+from selfsup.studies.demo import DEMO_MINUTES, DEMO_RECIPE, EVAL_RESERVE_MINUTES
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -260,7 +254,7 @@ def _methods(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from selfsup.compare import compare, markdown
+    from selfsup.studies.compare import compare, markdown
 
     table = compare(args.recipes, args.minutes, args.seeds, args.set, args.out)
     print(markdown(table))
@@ -269,34 +263,17 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from selfsup.engine.train import train
-    from selfsup.eval.protocols import evaluate, pixel_baselines
+    from selfsup.studies.demo import demo
 
-    overrides = list(args.overrides)
-    if not any(o.startswith(("train.epochs=", "train.budget_minutes=")) for o in overrides):
-        if args.minutes <= EVAL_RESERVE_MINUTES:
-            raise ValueError(
-                f"--minutes {args.minutes:g} leaves no time to pre-train: evaluation keeps "
-                f"{EVAL_RESERVE_MINUTES:g} minutes; give more, or set train.epochs"
-            )
-        overrides.append(f"train.budget_minutes={args.minutes - EVAL_RESERVE_MINUTES}")
-    config = load_config(args.recipe, overrides)
-    began = time.perf_counter()
-    run = train(config)
+    print("pre-training, then evaluating on the test split", file=sys.stderr)
+    result = demo(args.recipe, args.minutes, args.overrides)
+    config, run = result.config, result.run
     epochs = run.config.train.epochs
-    trained = time.perf_counter()
-    print(
-        f"pre-training took {format_duration(trained - began)}; evaluating on the test split",
-        file=sys.stderr,
-    )
-    learned = evaluate(run)
-    pixels = pixel_baselines(config)
-    done = time.perf_counter()
     backbone = ", ".join(f"{k}={v}" for k, v in config.backbone.items() if k != "name")
     k = config.eval.knn_k
     rows = [
-        ("raw pixels", pixels),
-        (f"{config.method['name']} + {config.backbone['name']} ({backbone})", learned),
+        ("raw pixels", result.pixels),
+        (f"{config.method['name']} + {config.backbone['name']} ({backbone})", result.learned),
     ]
     budget = config.train.budget_minutes
     chosen = (
@@ -310,8 +287,8 @@ def _demo(args: argparse.Namespace) -> int:
     for name, r in rows:
         print(f"{name:44s} {r['knn_top1']:18.2f} {r['linear_top1']:13.2f}")
     print(
-        f"\ntime: pre-training {format_duration(trained - began)}, evaluation "
-        f"{format_duration(done - trained)}; run folder: {run.path}"
+        f"\ntime: pre-training {format_duration(result.train_seconds)}, evaluation "
+        f"{format_duration(result.eval_seconds)}; run folder: {run.path}"
     )
     return 0
 
@@ -365,7 +342,7 @@ def _report(args: argparse.Namespace) -> int:
 
 def _gap(args: argparse.Namespace) -> int:
     from selfsup.data.selection import parse_classes
-    from selfsup.eval.gap import markdown, semantic_gap
+    from selfsup.studies.gap import markdown, semantic_gap
 
     table = semantic_gap(
         args.recipe,
@@ -385,7 +362,7 @@ def _gap(args: argparse.Namespace) -> int:
 
 
 def _momentum(args: argparse.Namespace) -> int:
-    from selfsup.eval.momentum import markdown, momentum_experiment
+    from selfsup.studies.momentum import markdown, momentum_experiment
 
     table = momentum_experiment(
         args.recipes,

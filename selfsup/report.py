@@ -35,10 +35,10 @@ from selfsup.build import load_data, pick_device
 from selfsup.data.datasets import ImageData
 from selfsup.engine.collapse import MIN_RANK, MIN_STD, PATIENCE
 from selfsup.engine.log import format_duration
-from selfsup.eval.features import extract
 from selfsup.eval.stages import stage_order
-from selfsup.eval.statistics import normalized_std
 from selfsup.plot import PALETTE, plot_curves, plot_series, plot_stages
+from selfsup.probes.features import extract
+from selfsup.probes.statistics import normalized_std
 from selfsup.run import Run
 
 MAP_SIZE = 480  # pixels of the square embedding map

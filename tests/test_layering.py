@@ -12,21 +12,22 @@ FLOORS = [
     # ground: what everything shares; depends on nothing else in the package
     ["selfsup.registry", "selfsup.step", "selfsup.params", "selfsup.schedules", "selfsup.dist",
      "selfsup.files"],
-    # parts: data, views, backbones, heads, losses, target branches, negatives, pure evaluations
+    # parts: data, views, backbones, heads, losses, target branches, negatives, plots, and the
+    # pure probes of features (the engine's kNN monitor and collapse guard use them)
     ["selfsup.data", "selfsup.augment", "selfsup.backbones", "selfsup.heads", "selfsup.losses",
      "selfsup.target", "selfsup.negatives", "selfsup.prototypes", "selfsup.plot",
-     "selfsup.eval.features", "selfsup.eval.knn", "selfsup.eval.linear",
-     "selfsup.eval.statistics"],
+     "selfsup.probes"],
     # methods: compositions of parts
-    ["selfsup.methods", "selfsup.eval.decomposition"],
+    ["selfsup.methods", "selfsup.decomposition"],
     # assembly: config validated against the registries, parts built from it, the run folder
     ["selfsup.config", "selfsup.build", "selfsup.run"],
     # the engine: the loop for every task
     ["selfsup.engine"],
-    # what runs on finished runs: evaluation protocols, embedding, export
-    ["selfsup.eval.protocols", "selfsup.eval.stages", "selfsup.eval.gradients",
-     "selfsup.eval.analysis", "selfsup.compare", "selfsup.report", "selfsup.eval.gap",
-     "selfsup.eval.momentum"],
+    # commands that measure a finished run: evaluation protocols, stage-wise probes, gradient
+    # decomposition and feature statistics of a checkpoint, embedding, export, the report
+    ["selfsup.eval", "selfsup.report"],
+    # studies that train runs and compare them (compare, semantic gap, momentum encoder, demo)
+    ["selfsup.studies"],
     # entry points
     ["selfsup.cli", "selfsup.__main__", "selfsup"],
 ]  # fmt: skip

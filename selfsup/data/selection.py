@@ -3,7 +3,7 @@
 
 A recipe with `data: {name: fashion_mnist, classes: [0, 1, 2, 3, 4], fraction: 0.1}` trains on
 10 % of the training images of classes 0-4, and its kNN monitor and evaluations see those five
-classes only: the pre-training set "pre-D" of the semantic-gap study (selfsup/eval/gap.py). The
+classes only: the pre-training set "pre-D" of the semantic-gap study (selfsup/studies/gap.py). The
 registry builds the dataset from its own keys; `load_split` then applies these two: `classes` to
 every split, `fraction` to the training split only (a test split stays whole).
 """

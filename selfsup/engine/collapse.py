@@ -4,7 +4,7 @@ A collapsed encoder maps every image to (nearly) the same vector: the loss may s
 (SimSiam without its stop-gradient reaches the minimum −1, §4.1), but the features are worthless
 and training on is wasted time. At every metrics line the guard embeds a fixed set of training
 images (evaluation transform, eval mode, no gradient) with the method's encoder and logs two
-statistics of the L2-normalised embeddings (eval/statistics.py): their spread `embed_std`
+statistics of the L2-normalised embeddings (probes/statistics.py): their spread `embed_std`
 (std over samples × sqrt(D): ~1 spread, 0 collapsed) and their effective rank `embed_rank`. When
 both are below their floors for `PATIENCE` lines in a row, training stops with `CollapseError`
 naming the step, the values and what to try. `train.collapse_guard: false` turns it off.
@@ -19,8 +19,8 @@ from torch import nn
 
 from selfsup.config import Config
 from selfsup.data.datasets import ImageData
-from selfsup.eval.features import extract
-from selfsup.eval.statistics import effective_rank, normalized_std
+from selfsup.probes.features import extract
+from selfsup.probes.statistics import effective_rank, normalized_std
 
 PROBE_SIZE = 256  # training images embedded at each check (~1 % of a CPU recipe's step time)
 # Floors, both crossed = collapsed: a collapsed run sits at std ~0 and rank ~1. Measured on 256

@@ -1,5 +1,5 @@
 """Monitors during training: the online kNN (a fixed labelled subset of train as the bank, part
-of test as queries) and the gradient decomposition (eval/decomposition.py) on a fixed batch."""
+of test as queries) and the gradient decomposition (decomposition.py) on a fixed batch."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from torch import Tensor, nn
 from selfsup.build import load_data
 from selfsup.config import Config
 from selfsup.data.datasets import ImageData
+from selfsup.decomposition import ADAPTERS, decompose, with_balance
 from selfsup.engine.accumulate import batch_norm_state, restore_state
-from selfsup.eval.decomposition import ADAPTERS, decompose, with_balance
-from selfsup.eval.features import extract
-from selfsup.eval.knn import knn
+from selfsup.probes.features import extract
+from selfsup.probes.knn import knn
 from selfsup.step import Views
 
 

@@ -1,4 +1,4 @@
-"""Feature statistics of a run's frozen encoder on one split of its dataset (eval/statistics.py
+"""Feature statistics of a run's frozen encoder on one split of its dataset (probes/statistics.py
 gives the formulas): spread and effective rank, alignment and uniformity, within-class variation,
 and the distance between the features of chosen classes ("pre-D") and of the rest ("eval-D")."""
 
@@ -13,8 +13,9 @@ from torch import Tensor
 
 from selfsup.build import load_data, pick_device
 from selfsup.data.datasets import ImageData
-from selfsup.eval.features import extract
-from selfsup.eval.statistics import (
+from selfsup.files import MetricsLog
+from selfsup.probes.features import extract
+from selfsup.probes.statistics import (
     alignment,
     effective_rank,
     intra_class_variation,
@@ -23,7 +24,6 @@ from selfsup.eval.statistics import (
     normalized_std,
     uniformity,
 )
-from selfsup.files import MetricsLog
 from selfsup.run import Run
 
 

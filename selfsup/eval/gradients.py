@@ -1,4 +1,4 @@
-"""The gradient decomposition (eval/decomposition.py) of a trained run, and a table of runs
+"""The gradient decomposition (decomposition.py) of a trained run, and a table of runs
 side by side (`selfsup gradients RUN...`)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from selfsup.build import load_data, pick_device
-from selfsup.eval.decomposition import ADAPTERS, decompose, with_balance
+from selfsup.decomposition import ADAPTERS, decompose, with_balance
 from selfsup.run import Run
 from selfsup.step import Views
 

@@ -15,10 +15,10 @@ from selfsup.build import load_data, pick_device
 from selfsup.config import Config
 from selfsup.data.datasets import ImageData
 from selfsup.data.selection import describe, load_split
-from selfsup.eval.features import extract, pixel_features
-from selfsup.eval.knn import accuracy, knn
-from selfsup.eval.linear import linear_probe
 from selfsup.files import MetricsLog
+from selfsup.probes.features import extract, pixel_features
+from selfsup.probes.knn import accuracy, knn
+from selfsup.probes.linear import linear_probe
 from selfsup.registry import DATASETS
 from selfsup.run import Run
 

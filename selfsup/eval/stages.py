@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from selfsup.build import pick_device
-from selfsup.eval.features import extract
 from selfsup.eval.protocols import PROTOCOLS, probe, probe_data
 from selfsup.heads import mlp_blocks
 from selfsup.plot import plot_stages
+from selfsup.probes.features import extract
 from selfsup.run import Run
 
 ENCODER = "encoder"  # the row of the encoder's own output (what `evaluate` probes)

@@ -11,7 +11,7 @@ import selfsup
 from selfsup.cli import main
 from selfsup.config import resolve
 from selfsup.eval.analysis import _augmented_pairs, feature_statistics
-from selfsup.eval.statistics import (
+from selfsup.probes.statistics import (
     alignment,
     intra_class_variation,
     mean_cosine_distance,

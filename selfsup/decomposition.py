@@ -14,7 +14,7 @@ negatives) or a correlation-matrix term F·u (decorrelation; UniGrad uses −v�
 Here each loss of `selfsup.losses` gets a pure function that returns the parts of its exact
 gradient with respect to u, the targets held constant (the target branch's gradient stopped, as
 the paper analyses every family), each part's closed form derived in its docstring; the parts sum
-to autograd's gradient of the library's own loss (tests/test_gradients.py). `gradient_scalars`
+to autograd's gradient of the library's own loss (tests/eval/test_gradients.py). `gradient_scalars`
 condenses them into the effective balance and the angles; `decompose` runs a method's adapter
 (one per method family: it takes u and the targets from the method's own modules as its
 `forward` does) on a batch of views. eval/gradients.py runs this on a trained run's checkpoint,

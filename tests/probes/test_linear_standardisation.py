@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from selfsup.eval.linear import linear_probe, standardize_features
+from selfsup.probes.linear import linear_probe, standardize_features
 
 
 def gen(seed: int) -> torch.Generator:

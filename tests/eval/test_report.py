@@ -22,9 +22,9 @@ import selfsup
 from selfsup.cli import main
 from selfsup.config import resolve
 from selfsup.engine.collapse import CollapseError
-from selfsup.eval.features import extract
 from selfsup.eval.protocols import evaluate
 from selfsup.eval.stages import stage_probes
+from selfsup.probes.features import extract
 from selfsup.report import Settings, nearest_neighbours, project_2d, retrieval, write_report
 from selfsup.run import Run
 

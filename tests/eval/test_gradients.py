@@ -16,7 +16,7 @@ import selfsup
 from selfsup import losses
 from selfsup.cli import main
 from selfsup.config import resolve
-from selfsup.eval.decomposition import (
+from selfsup.decomposition import (
     ADAPTERS,
     barlow_twins_parts,
     cosine_parts,

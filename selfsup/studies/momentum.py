@@ -30,7 +30,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from selfsup.compare import (
+from selfsup.config import Config, load_config, target_settings
+from selfsup.decomposition import ADAPTERS
+from selfsup.eval.gradients import gradient_decomposition
+from selfsup.files import make_folder
+from selfsup.registry import METHODS
+from selfsup.studies.runs import (
     ACCURACIES,
     collapse_event,
     describe_length,
@@ -39,11 +44,6 @@ from selfsup.compare import (
     slug,
     trained,
 )
-from selfsup.config import Config, load_config, target_settings
-from selfsup.eval.decomposition import ADAPTERS
-from selfsup.eval.gradients import gradient_decomposition
-from selfsup.files import make_folder
-from selfsup.registry import METHODS
 
 ARMS = ("stop_gradient", "momentum")
 GRADIENT_KEYS = ("balance", "cos_total_target")  # per arm in the table; all of them in the JSON

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 from selfsup.build import load_data
-from selfsup.compare import collapse_event, describe_length, length_overrides, slug, trained
 from selfsup.config import (
     Config,
     apply_overrides,
@@ -45,6 +44,7 @@ from selfsup.eval.protocols import PROTOCOLS, evaluate, stored_results
 from selfsup.files import make_folder
 from selfsup.registry import METHODS
 from selfsup.run import Run
+from selfsup.studies.runs import collapse_event, describe_length, length_overrides, slug, trained
 
 # The sections of --set that the supervised baseline takes too (its data and backbone are the
 # recipe's own, already overridden); method, views and optim belong to each recipe.

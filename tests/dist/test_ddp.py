@@ -34,7 +34,7 @@ from selfsup.engine.train import Precision, train, training_step
 from selfsup.files import load_checkpoint
 from selfsup.step import Progress, Views
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WORLD = 2
 BATCH = 16  # the global batch
 INFO = {"channels": 1, "image_size": 16, "mean": [0.5], "std": [0.25], "num_classes": 10,

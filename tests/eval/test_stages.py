@@ -13,7 +13,6 @@ import selfsup
 from selfsup.backbones.vit import VisionTransformer
 from selfsup.cli import main
 from selfsup.config import resolve
-from selfsup.eval.features import extract
 from selfsup.eval.stages import (
     StageFeatures,
     stage_features,
@@ -22,6 +21,7 @@ from selfsup.eval.stages import (
 )
 from selfsup.heads import mlp, mlp_blocks
 from selfsup.methods.cpc import PatchGridEncoder
+from selfsup.probes.features import extract
 from selfsup.run import Run
 
 RESNET_STAGES = ["layer1", "layer2", "layer3", "layer4"]

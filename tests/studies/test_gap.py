@@ -15,11 +15,11 @@ from selfsup.data.datasets import synthetic
 from selfsup.data.selection import parse_classes
 from selfsup.data.subsets import labelled_subset
 from selfsup.engine.monitor import KnnMonitor
-from selfsup.eval.gap import semantic_gap, split_classes
 from selfsup.run import Run
+from selfsup.studies.gap import semantic_gap, split_classes
 
-gap_module = importlib.import_module("selfsup.eval.gap")
-compare_module = importlib.import_module("selfsup.compare")
+gap_module = importlib.import_module("selfsup.studies.gap")
+runs_module = importlib.import_module("selfsup.studies.runs")
 
 
 def data_config(tiny_config, **selection):
@@ -143,7 +143,7 @@ def test_the_study_trains_each_size_probes_eval_d_and_reuses_finished_runs(
     assert table["gain"]["from"] == 0.5 and table["gain"]["to"] == 1.0
 
     modified = {p: p.stat().st_mtime_ns for p in out.glob("*/checkpoints/last.pt")}
-    monkeypatch.setattr(compare_module, "train", lambda *a, **k: pytest.fail("retrained"))
+    monkeypatch.setattr(runs_module, "train", lambda *a, **k: pytest.fail("retrained"))
     monkeypatch.setattr(gap_module, "evaluate", lambda *a, **k: pytest.fail("probed again"))
     again = semantic_gap(simclr, [1, 3], [0.5, 1.0], **study)
     assert again["rows"] == table["rows"]

@@ -15,8 +15,8 @@ from selfsup.build import build_views, data_info, finetune_config, load_data
 from selfsup.cli import main
 from selfsup.config import resolve
 from selfsup.data.datasets import digits
-from selfsup.eval.knn import knn
 from selfsup.eval.protocols import evaluate
+from selfsup.probes.knn import knn
 from selfsup.registry import DATASETS
 from selfsup.run import Run
 

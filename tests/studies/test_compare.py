@@ -8,11 +8,11 @@ import pytest
 import yaml
 
 from selfsup.cli import main
-from selfsup.compare import compare
 from selfsup.run import Run
+from selfsup.studies.compare import compare
 
-# the module (selfsup.compare, the attribute, is the function)
-compare_module = importlib.import_module("selfsup.compare")
+# the module (selfsup.studies.compare, the attribute, is the function)
+runs_module = importlib.import_module("selfsup.studies.runs")
 
 
 @pytest.fixture
@@ -59,7 +59,7 @@ def test_finished_runs_are_reused_and_an_interrupted_one_is_resumed(recipes, tmp
     first = compare(recipes[:1], minutes=0.05, out=out)
     calls = []
     monkeypatch.setattr(
-        compare_module, "train", lambda *a, **k: calls.append((a, k)) or pytest.fail("retrained")
+        runs_module, "train", lambda *a, **k: calls.append((a, k)) or pytest.fail("retrained")
     )
     again = compare(recipes[:1], minutes=0.05, out=out)
     assert not calls and again["runs"] == first["runs"]  # reused: nothing trained or evaluated
@@ -70,7 +70,7 @@ def test_finished_runs_are_reused_and_an_interrupted_one_is_resumed(recipes, tmp
     run.metrics_path.write_text("\n".join(l for l in lines if '"end"' not in l) + "\n")
     (run.path / "eval.json").unlink()
     resumed = []
-    monkeypatch.setattr(compare_module, "train", lambda **k: resumed.append(k) or Run(k["resume"]))
+    monkeypatch.setattr(runs_module, "train", lambda **k: resumed.append(k) or Run(k["resume"]))
     compare(recipes[:1], minutes=0.05, out=out)
     assert resumed == [{"resume": run.path}]
 
@@ -119,5 +119,5 @@ def test_a_collapsed_run_is_reported_as_collapsed_and_not_resumed(
     assert "collapsed_at_step" in table["runs"][0] and byol["knn_top1"] >= 0
     text = (out / "compare.md").read_text()
     assert f"| {recipes[0]} | – | – | – | collapsed | collapsed |" in text
-    monkeypatch.setattr(compare_module, "train", lambda *a, **k: pytest.fail("retrained"))
+    monkeypatch.setattr(runs_module, "train", lambda *a, **k: pytest.fail("retrained"))
     assert compare(recipes, minutes=0.05, out=out)["rows"][0]["collapsed"] == 1

@@ -253,7 +253,7 @@ def test_a_momentum_target_run_resumes_exactly_and_loads_its_ema(tiny_config):
 def test_compare_does_not_reuse_a_run_of_another_target_setting(tmp_path):
     from types import SimpleNamespace
 
-    from selfsup.compare import check_reusable
+    from selfsup.studies.runs import check_reusable
 
     published = resolve(_config("simclr"))
     momentum = resolve(_config("simclr", target="momentum"))

@@ -2,7 +2,7 @@
 
 Both losses are statistics of the whole batch (a cross-correlation, variances, covariances), so
 the methods compute them on `gather`ed embeddings (dist.py), as SimCLR does for NT-Xent
-(tests/test_gather_two_processes.py). Checked here for each loss, with 2 processes of 3 rows: every
+(tests/dist/test_gather_two_processes.py). Checked here for each loss, with 2 processes of 3 rows: every
 process computes the loss of the 6-row global batch; each process's input gradient is world_size x
 its slice of the one-process gradient; after DDP's averaging the weight gradients equal the
 one-process ones. The loss of a process's own 3 rows differs: the gathering matters.

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from selfsup.eval.knn import accuracy
+from selfsup.probes.knn import accuracy
 
 
 def standardize_features(train: Tensor, test: Tensor) -> tuple[Tensor, Tensor]:

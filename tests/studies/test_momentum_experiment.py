@@ -9,11 +9,11 @@ import pytest
 import yaml
 
 from selfsup.cli import main
-from selfsup.eval.momentum import momentum_experiment
 from selfsup.run import Run
+from selfsup.studies.momentum import momentum_experiment
 
-momentum_module = importlib.import_module("selfsup.eval.momentum")
-compare_module = importlib.import_module("selfsup.compare")
+momentum_module = importlib.import_module("selfsup.studies.momentum")
+runs_module = importlib.import_module("selfsup.studies.runs")
 
 
 @pytest.fixture
@@ -57,8 +57,8 @@ def test_both_arms_are_trained_probed_decomposed_tabulated_and_reused(
     assert cells[2:5] == [f"{sg['knn_top1']:.2f}", f"{mom['knn_top1']:.2f}", f"{change:+.2f}"]
     assert json.loads((out / "momentum.json").read_text())["rows"] == table["rows"]
 
-    monkeypatch.setattr(compare_module, "train", lambda *a, **k: pytest.fail("retrained"))
-    monkeypatch.setattr(compare_module, "evaluate", lambda *a, **k: pytest.fail("probed again"))
+    monkeypatch.setattr(runs_module, "train", lambda *a, **k: pytest.fail("retrained"))
+    monkeypatch.setattr(runs_module, "evaluate", lambda *a, **k: pytest.fail("probed again"))
     monkeypatch.setattr(
         momentum_module, "gradient_decomposition", lambda *a, **k: pytest.fail("decomposed again")
     )

@@ -10,7 +10,7 @@ import torch
 import selfsup
 from selfsup.config import resolve
 from selfsup.engine.collapse import PATIENCE, CollapseError
-from selfsup.eval.statistics import effective_rank, normalized_std
+from selfsup.probes.statistics import effective_rank, normalized_std
 from selfsup.run import Run
 
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from selfsup.eval.features import extract, pixel_features
-from selfsup.eval.knn import knn, knn_predict
-from selfsup.eval.linear import linear_probe
+from selfsup.probes.features import extract, pixel_features
+from selfsup.probes.knn import knn, knn_predict
+from selfsup.probes.linear import linear_probe
 
 
 def gaussian_clusters(num_classes, per_class, dim, spread, seed):

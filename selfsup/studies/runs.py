@@ -1,0 +1,99 @@
+"""The bookkeeping of studies that train runs into one folder (compare, the semantic-gap and
+momentum-encoder experiments): a run is reused when finished, resumed when interrupted, refused
+when trained with other settings; its kNN and linear results are read where stored."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from selfsup.config import Config
+from selfsup.engine.collapse import CollapseError
+from selfsup.engine.train import train
+from selfsup.eval.protocols import evaluate, stored_results
+from selfsup.run import Run
+
+ACCURACIES = ("knn_top1", "linear_top1")
+# The sections of a reused run that must match the recipe as it resolves now.
+FIXED = ("method", "backbone", "data", "views", "optim")
+# ... and the train.* keys that change what is trained (the target branch: seed 002's experiment)
+FIXED_TRAIN = ("target", "target_momentum")
+
+
+def probed(run: Run, device: str = "auto") -> dict[str, Any]:
+    """kNN and linear top-1 of a run's encoder: read from <run>/eval.json where measured."""
+    results = stored_results(run)
+    return results if set(ACCURACIES) <= set(results) else evaluate(run, device=device)
+
+
+def slug(recipe: str) -> str:
+    """A folder-name form of a recipe name or YAML path."""
+    return Path(recipe).stem if recipe.endswith((".yaml", ".yml")) else recipe.replace("/", "_")
+
+
+def trained(wanted: Config, path: Path, minutes: float | None) -> Run:
+    """The run of `wanted` in `path`: reused when finished (or collapsed), resumed when
+    interrupted, else trained; a folder trained with other settings is refused."""
+    try:
+        if (path / "config.yaml").is_file():
+            run = Run(path)
+            check_reusable(run, wanted, minutes)
+            if not finished(run) and not collapse_event(run):
+                print(f"  resuming {path}", file=sys.stderr)
+                run = train(resume=path)
+            return run
+        return train(wanted.replace([f"train.out_dir={path.parent}", f"train.name={path.name}"]))
+    except CollapseError:
+        return Run(path)  # its metrics end with the "collapse" event
+
+
+def length_overrides(epochs: float | None, minutes: float | None) -> list[str]:
+    """The overrides that set every run's length: `epochs`, a budget of `minutes`, or (neither)
+    the recipes' own epochs; checked as --epochs / --minutes."""
+    if epochs is not None and minutes is not None:
+        raise ValueError("give --epochs or --minutes, not both")
+    for option, value in (("--epochs", epochs), ("--minutes", minutes)):
+        if value is not None and not value > 0:
+            raise ValueError(f"{option} must be > 0, got {value}")
+    if epochs is not None:
+        return [f"train.epochs={epochs}"]
+    return [f"train.budget_minutes={minutes}"] if minutes is not None else []
+
+
+def describe_length(epochs: float | None, minutes: float | None) -> str:
+    """How `length_overrides` set the runs, for a table's caption."""
+    if epochs is not None:
+        return f"train.epochs={epochs:g}"
+    return f"train.budget_minutes={minutes:g}" if minutes is not None else "the recipes' own epochs"
+
+
+def check_reusable(run: Run, wanted: Config, minutes: float | None) -> None:
+    """Raise unless `run` was trained as `wanted` would be. A budget's epochs are measured and
+    written to the run's config, the budget is in its "budget" event; without a budget the
+    epochs must be equal."""
+    budget = next((r["budget_minutes"] for r in run.metrics if r.get("event") == "budget"), None)
+    different = [s for s in FIXED if getattr(run.config, s) != getattr(wanted, s)]
+    different += [
+        f"train.{key}"
+        for key in ("seed", "max_steps", *FIXED_TRAIN)
+        if getattr(run.config.train, key) != getattr(wanted.train, key)
+    ]
+    if budget != minutes:
+        different.append("train.budget_minutes")
+    elif minutes is None and run.config.train.epochs != wanted.train.epochs:
+        different.append("train.epochs")
+    if different:
+        raise ValueError(
+            f"{run.path} was trained with other settings ({', '.join(different)}); write into "
+            f"another --out, or delete that folder to train it again"
+        )
+
+
+def finished(run: Run) -> bool:
+    return any(r.get("event") == "end" for r in run.metrics)
+
+
+def collapse_event(run: Run) -> dict[str, Any] | None:
+    """The "collapse" record of a run the collapse guard stopped, else None."""
+    return next((r for r in run.metrics if r.get("event") == "collapse"), None)
