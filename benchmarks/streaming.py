@@ -27,7 +27,7 @@ from selfsup.build import load_data
 from selfsup.config import load_config
 from selfsup.data.datasets import image_folder
 from selfsup.data.loader import Batches
-from selfsup.engine.train import Parts
+from selfsup.engine.parts import Parts
 
 
 def make_folder(root: Path, images: int, seed: int = 0) -> None:

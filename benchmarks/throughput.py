@@ -24,7 +24,7 @@ import torch
 
 from selfsup.build import load_data
 from selfsup.config import load_config
-from selfsup.engine.train import Parts
+from selfsup.engine.parts import Parts
 
 
 def _timed(fn, steps: int, warmup: int) -> float:  # noqa: ANN001

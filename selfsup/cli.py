@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -18,8 +19,17 @@ from selfsup.studies.demo import DEMO_MINUTES, DEMO_RECIPE, EVAL_RESERVE_MINUTES
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    _log_to_stderr()
     try:
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()  # output still buffered meets a closed pipe here, not at exit
+        return status
+    except BrokenPipeError:
+        # the reader went away (`selfsup recipes | head`): end as cat or grep do, killed by
+        # SIGPIPE (status 128 + 13, which `set -o pipefail` sees as a cut-short writer), quietly.
+        # stdout now points at devnull, so Python's final flush at exit raises nothing again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (
         ValueError,
         FileNotFoundError,
@@ -35,6 +45,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+
+
+class _Stderr(logging.StreamHandler):
+    """A handler that writes to the sys.stderr of the moment (a redirection, a test's capture)."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+def _log_to_stderr() -> None:
+    """The package's log lines (the "selfsup" logger, INFO and up) on stderr, one message a line:
+    once, and only where nobody has given that logger a handler yet."""
+    logger = logging.getLogger("selfsup")
+    if logger.handlers:
+        return
+    handler = _Stderr()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -20,7 +20,16 @@ import yaml
 
 from selfsup.data.selection import SELECTION_KEYS, check_selection
 from selfsup.methods.base import SUPPLIED
-from selfsup.params import Group
+from selfsup.params import (
+    BELOW_ONE,
+    GROUP_LIMITS,
+    NON_NEGATIVE,
+    POSITIVE,
+    UNIT,
+    Group,
+    Limit,
+    check_limits,
+)
 from selfsup.registry import BACKBONES, DATASETS, METHODS, VIEWS, Registry, suggest
 from selfsup.target import TARGET_SETTINGS
 
@@ -56,7 +65,7 @@ class TrainConfig:
     budget_minutes: float | None = None
     max_steps: int | None = None  # stop after this many steps (the schedule still spans `epochs`)
     seed: int = 0
-    # the target branch (seed 002, UniGrad Table 2; selfsup/target.py): method: as the paper;
+    # the target branch (arXiv 2112.05141 Table 2; selfsup/target.py): method: as the paper;
     # stop_gradient: the online network, detached (an EMA target becomes such a copy); momentum: an
     # EMA of the online network (a method with its own EMA keeps it: the same as method)
     target: str = "method"
@@ -83,7 +92,7 @@ class TrainConfig:
     checkpoint_minutes: float = 5.0  # save checkpoints/last.pt at least this often (and each epoch)
     log_every: int = 20  # steps between metric lines in metrics.jsonl
     knn_every: float = 1.0  # epochs between online kNN monitor evaluations; 0 disables
-    # steps between gradient decompositions of the loss (seed 002) logged to metrics.jsonl;
+    # steps between gradient decompositions of the loss (arXiv 2112.05141) logged to metrics.jsonl;
     # 0 disables (engine/monitor.py GradientMonitor)
     gradients_every: int = 0
     out_dir: str = "runs"
@@ -107,21 +116,14 @@ class EvalConfig:
     test_split: str = "test"
 
 
-def _at_least(low: float, strict: bool = False) -> tuple[Any, str]:
-    return (lambda v: v > low) if strict else (
-        lambda v: v >= low
-    ), f"{'>' if strict else '>='} {low:g}"
-
-
-POSITIVE, NON_NEGATIVE = _at_least(0, strict=True), _at_least(0)
 # Allowed values of the numeric settings: a bad one fails when the config is read, not mid-run.
-LIMITS: dict[type, dict[str, tuple[Any, str]]] = {
+# Those of the method, backbone and views parameters are in params.py (PARAMETER_LIMITS).
+LIMITS: dict[type, dict[str, Limit]] = {
     OptimConfig: {
-        "lr": NON_NEGATIVE,
+        # as a parameter group's, which overrides them (params.py)
+        **{name: GROUP_LIMITS[name] for name in ("lr", "weight_decay", "final_weight_decay")},
         "batch_size": POSITIVE,
-        "weight_decay": NON_NEGATIVE,
-        "final_weight_decay": NON_NEGATIVE,
-        "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+        "momentum": BELOW_ONE,
         "warmup_epochs": NON_NEGATIVE,
         "final_lr": NON_NEGATIVE,
         "clip": POSITIVE,
@@ -138,7 +140,7 @@ LIMITS: dict[type, dict[str, tuple[Any, str]]] = {
         "knn_every": NON_NEGATIVE,
         "gradients_every": NON_NEGATIVE,
         "label_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
-        "target_momentum": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+        "target_momentum": UNIT,
     },
     EvalConfig: {
         "knn_k": POSITIVE,
@@ -153,52 +155,9 @@ LIMITS: dict[type, dict[str, tuple[Any, str]]] = {
 }
 
 
-_UNIT = (lambda v: 0 <= v <= 1, "in [0, 1]")
-# Allowed values of the parameters of methods, backbones and views, by name (the same name means
-# the same thing in every method): a temperature of 0 would train into NaN, a negative one
-# "succeed" at nothing.
-SPEC_LIMITS: dict[str, tuple[Any, str]] = {
-    **dict.fromkeys(
-        ("temperature", "teacher_temp", "final_teacher_temp", "student_temp", "epsilon", "eps",
-         "width", "std_target", "patch_stride", "size", "image_size", "small_size"),
-        POSITIVE,
-    ),
-    **dict.fromkeys(
-        ("dim", "hidden", "out_dim", "bottleneck", "predictor_hidden", "num_prototypes",
-         "sinkhorn_iterations", "patch_size", "prediction_steps", "context_blocks",
-         "projector_layers", "head_layers", "num_views", "in_channels", "num_noise"),
-        _at_least(1),
-    ),
-    **dict.fromkeys(
-        ("queue_size", "num_negatives", "bank_negatives", "num_small", "queue_start_epoch",
-         "layers", "freeze_last_layer_epochs", "freeze_prototypes_epochs",
-         "teacher_temp_warmup_epochs", "balance", "proximal", "from_projector",
-         "invariance_weight", "variance_weight", "covariance_weight", "off_diagonal_weight",
-         "sk_ratio", "strength"),
-        NON_NEGATIVE,
-    ),
-    **dict.fromkeys(
-        ("momentum", "final_momentum", "bank_momentum", "center_momentum",
-         "correlation_momentum", "label_smoothing", "drop_path", "blur_p", "flip_p",
-         "grayscale_p", "jitter_p", "small_blur_p", "solarize_p"),
-        _UNIT,
-    ),
-}  # fmt: skip
-
-
-def _check_spec_limits(section: str, spec: dict[str, Any]) -> None:
-    for key, given in spec.items():
-        if key in SPEC_LIMITS and isinstance(given, (int, float)) and not isinstance(given, bool):
-            ok, allowed = SPEC_LIMITS[key]
-            if not ok(given):
-                raise ValueError(f"'{section}.{key}' must be {allowed}, got {given!r}")
-
-
 def _check_limits(section: str, value: Any) -> None:
-    for key, (ok, allowed) in LIMITS.get(type(value), {}).items():
-        given = getattr(value, key)
-        if given is not None and not all(map(ok, given if isinstance(given, tuple) else [given])):
-            raise ValueError(f"'{section}.{key}' must be {allowed}, got {given!r}")
+    limits = LIMITS.get(type(value), {})
+    check_limits(section, {key: getattr(value, key) for key in limits}, limits)
 
 
 SECTIONS: dict[str, Registry | type] = {
@@ -411,7 +370,7 @@ def _resolve_spec(section: str, registry: Registry, given: dict[str, Any]) -> di
     for key, value in spec.items():
         if key in hints and _checkable(hints[key]):
             spec[key] = _coerce(f"{section}.{key}", value, hints[key])
-    _check_spec_limits(section, spec)
+    check_limits(section, spec)
     return {"name": name, **spec}
 
 

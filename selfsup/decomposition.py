@@ -1,6 +1,6 @@
 """The gradient of a Siamese self-supervised loss, split as in the unified gradient framework of
 Tao et al. 2022 ("Exploring the Equivalence of Siamese Self-Supervised Learning via A Unified
-Gradient Framework", arXiv 2112.05141, CVPR 2022, seed 002).
+Gradient Framework", arXiv 2112.05141, CVPR 2022).
 
 The paper's claim: contrastive (MoCo, SimCLR), asymmetric (BYOL, SimSiam) and decorrelation
 (Barlow Twins, VICReg) losses all push the online embedding u of a view with
@@ -15,10 +15,11 @@ Here each loss of `selfsup.losses` gets a pure function that returns the parts o
 gradient with respect to u, the targets held constant (the target branch's gradient stopped, as
 the paper analyses every family), each part's closed form derived in its docstring; the parts sum
 to autograd's gradient of the library's own loss (tests/eval/test_gradients.py). `gradient_scalars`
-condenses them into the effective balance and the angles; `decompose` runs a method's adapter
-(one per method family: it takes u and the targets from the method's own modules as its
-`forward` does) on a batch of views. eval/gradients.py runs this on a trained run's checkpoint,
-the engine every train.gradients_every steps of training.
+condenses them into the effective balance and the angles. Each method that has a decomposition
+says how in its own file, as the hook `Method.gradient_terms`: it takes u and the targets from its
+own modules as its `forward` does and calls these functions; `decompose` runs that hook on a batch
+of views. eval/gradients.py runs it on a trained run's checkpoint, the engine every
+train.gradients_every steps of training.
 
 Scale: every part is of ∂L/∂u for the batch loss as the method weighs it; the scalars report
 norms of N·∂L/∂u_n (N: the rows of the loss's batch mean), the gradient sample n's own term sends,
@@ -28,17 +29,23 @@ so they do not shrink with the batch size.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from selfsup.dist import shuffled
-from selfsup.methods.base import Method
 from selfsup.step import Views
+from selfsup.target import SiameseTarget
 
 Parts = dict[str, Tensor]  # name -> (N, D) part of ∂L/∂u; "positive" is always one of them
 Term = tuple[str, Parts, Tensor]  # (prefix of the scalars' names, parts, the targets v⁺ (N, D))
+
+
+class Decomposable(Protocol):
+    """A method with a gradient decomposition (`Method.gradient_terms`)."""
+
+    def gradient_terms(self, views: Views) -> list[Term]: ...
 
 
 def info_nce_probabilities(
@@ -233,113 +240,34 @@ def gradient_scalars(parts: Parts, target: Tensor) -> dict[str, float]:
     return out
 
 
-# --- adapters: u and the targets of each method family, as its forward computes them ----------
+# --- helpers that several methods' gradient_terms share -----------------------------------------
 
 
-def _standardised(z: Tensor, eps: float = 1e-5) -> Tensor:
-    """ẑ as `losses.cross_correlation` standardises each view (biased variance, eps inside)."""
-    return (z - z.mean(dim=0)) / (z.var(dim=0, correction=0) + eps).sqrt()
-
-
-def _target(method: Method, x: Tensor, z: Tensor) -> Tensor:
-    """The target side for views x whose online output is z: train.target's momentum network or
-    detached copy where the method has a `target_branch` (target.SiameseTarget), else z (held
-    constant by the decomposition either way)."""
-    branch = getattr(method, "target_branch", None)
-    return z if branch is None else branch(x, z).detach()
-
-
-def _pair_weight(method: Method) -> float:
-    """A symmetric loss with a target branch is ½[L(z1, t2) + L(t1, z2)] (target.SiameseTarget
-    .pairs): each online view gets half of one term's gradient; online, L(z1, z2) gives each all."""
-    branch = getattr(method, "target_branch", None)
-    return 1.0 if branch is None or branch.is_online else 0.5
-
-
-def _scaled(parts: Parts, weight: float) -> Parts:
+def scaled(parts: Parts, weight: float) -> Parts:
+    """Every part times `weight`: the loss's own weight of the term (MoCo v3's 2τ, a mean's ½)."""
     return {name: weight * part for name, part in parts.items()}
 
 
-def _simclr(method: Method, views: Views) -> list[Term]:
-    # The anchor side of NT-Xent; SimCLR also sends gradient through the candidates, which the
-    # paper's analysis (and this one) stops.
-    x1, x2 = views.large[:2]
-    n = len(x1)
-    raw = method.projector(torch.cat(method.encode([x1, x2])))
-    z = F.normalize(raw, dim=1)  # (2N, D)
-    exclude = torch.eye(2 * n, dtype=torch.bool, device=z.device)  # an anchor is not a candidate
-    # train.target=momentum: the candidates are the momentum network's embeddings of both views
-    candidates = F.normalize(_target(method, torch.cat([x1, x2]), raw), dim=1)
-    if method.queue is not None:  # v2's memory: K more negatives for every anchor
-        keys = F.normalize(method.queue.keys, dim=1).to(z.dtype)
-        candidates = torch.cat([candidates, keys])
-        exclude = F.pad(exclude, (0, len(keys)), value=False)
-    positives = torch.arange(2 * n, device=z.device).roll(n)
-    parts = info_nce_parts(z, candidates, positives, method.temperature, exclude)
-    return [("", parts, candidates[positives])]
+def pair_weight(branch: SiameseTarget) -> float:
+    """A symmetric loss with a target branch is ½[L(z1, t2) + L(t1, z2)] (target.SiameseTarget
+    .pairs): each online view gets half of one term's gradient; online, L(z1, z2) gives each all."""
+    return 1.0 if branch.is_online else 0.5
 
 
-def _moco(method: Method, views: Views) -> list[Term]:
-    if method.bank is not None:
-        raise ValueError(
-            "gradient decomposition of moco with the hybrid dictionary (method.bank_negatives > "
-            "0) is not supported: its bank negatives are drawn per query; decompose a queue-only "
-            "MoCo run"
-        )
-    x1, x2 = views.large[:2]
-    pairs = [(x1, x2), (x2, x1)] if method.symmetric else [(x1, x2)]
+def predictor_terms(
+    predictor: Callable[[Tensor], Tensor], pairs: list[tuple[Tensor, Tensor]], weight: float
+) -> list[Term]:
+    """The asymmetric family, BYOL (weight 2: 2 − 2cos) and SimSiam (weight ½: ½·(−cos)): for each
+    (projection z, target t) pair, the cosine parts at the prediction p = predictor(z), and the
+    same parts carried back to the projector output z through the predictor's Jacobian
+    (vector-Jacobian products; linear, so the parts still sum to ∂L/∂z), prefixed "projection_".
+    """
     terms = []
-    for x_query, x_key in pairs:
-        q = F.normalize(method.projector(method.backbone(x_query)), dim=1)  # (N, D)
-        k = F.normalize(shuffled(method.target, x_key, method.shuffle_bn_groups), dim=1)
-        n, queue = len(q), method.queue.keys.to(q.dtype)
-        # query i's candidates: its own key and the queue, not the other queries' keys
-        exclude = F.pad(~torch.eye(n, dtype=torch.bool, device=q.device), (0, len(queue)))
-        positives = torch.arange(n, device=q.device)
-        candidates = torch.cat([k, queue])
-        terms.append(("", info_nce_parts(q, candidates, positives, method.temperature, exclude), k))
-    return terms
-
-
-def _moco_v3(method: Method, views: Views) -> list[Term]:
-    x1, x2 = views.large[:2]
-    q1, q2 = (method.predictor(method.projector(method.backbone(x))) for x in (x1, x2))
-    k1, k2 = method.target(x1), method.target(x2)
-    tau, terms = method.temperature, []
-    # ctr(q1, k2) + ctr(q2, k1), each 2τ times the InfoNCE of unit vectors
-    for q, k in ((q1, k2), (q2, k1)):
-        u, c = F.normalize(q, dim=1), F.normalize(k, dim=1)
-        parts = info_nce_parts(u, c, torch.arange(len(u), device=u.device), tau)
-        terms.append(("", {name: 2 * tau * part for name, part in parts.items()}, c))
-    return terms
-
-
-def _invaspread(method: Method, views: Views) -> list[Term]:
-    # The anchor side; with method.key_gradient the keys also receive gradient, not decomposed.
-    x1, x2 = views.large[:2]
-    anchors = F.normalize(method.projector(torch.cat(method.encode([x1, x2]))), dim=1)
-    partner = torch.arange(len(anchors), device=anchors.device).roll(len(x1))
-    parts = invariant_spreading_parts(anchors, anchors, method.temperature)
-    return [("", parts, anchors[partner])]
-
-
-def _asymmetric(method: Method, views: Views, weight: float) -> list[Term]:
-    """BYOL (weight 2: 2 − 2cos, targets from the EMA network), SimSiam (weight ½: ½·(−cos),
-    targets the detached online projections): parts at the prediction p, and carried back to the
-    projector output z through the predictor's Jacobian (vector-Jacobian products; linear, so the
-    parts still sum to ∂L/∂z)."""
-    x1, x2 = views.large[:2]
-    z1, z2 = (method.projector(method.backbone(x)) for x in (x1, x2))
-    if getattr(method, "target", None) is not None:  # BYOL's EMA network
-        t1, t2 = method.target(x1), method.target(x2)
-    else:  # SimSiam: its target branch (the detached online output, or train.target's)
-        t1, t2 = _target(method, x1, z1), _target(method, x2, z2)
-    terms = []
-    for z, t in ((z1, t2), (z2, t1)):
+    for z, t in pairs:
         with torch.enable_grad():
             z = z.detach().requires_grad_()
-            p = method.predictor(z)  # each view its own BN batch, as in forward
-            parts = {name: weight * part for name, part in cosine_parts(p.detach(), t).items()}
+            p = predictor(z)  # each view its own BN batch, as in forward
+            parts = scaled(cosine_parts(p.detach(), t), weight)
             through = {
                 name: torch.autograd.grad(p, z, part, retain_graph=True)[0]
                 for name, part in parts.items()
@@ -348,71 +276,13 @@ def _asymmetric(method: Method, views: Views, weight: float) -> list[Term]:
     return terms
 
 
-def _barlow_twins(method: Method, views: Views) -> list[Term]:
-    x1, x2 = views.large[:2]
-    z1, z2 = (method.projector(method.backbone(x)) for x in (x1, x2))
-    s1, s2 = _standardised(z1), _standardised(z2)
-    t1, t2 = _standardised(_target(method, x1, z1)), _standardised(_target(method, x2, z2))
-    weight, half = method.off_diagonal_weight, _pair_weight(method)
-    return [
-        ("", _scaled(barlow_twins_parts(s1, t2, weight), half), t2),
-        ("", _scaled(barlow_twins_parts(s2, t1, weight), half), t1),
-    ]
-
-
-def _vicreg(method: Method, views: Views) -> list[Term]:
-    x1, x2 = views.large[:2]
-    z1, z2 = (method.projector(method.backbone(x)) for x in (x1, x2))
-    weights = (method.invariance_weight, method.variance_weight, method.covariance_weight)
-    settings = (method.std_target, method.eps)
-    t1, t2 = _target(method, x1, z1), _target(method, x2, z2)
-    half = _pair_weight(method)
-    return [
-        ("", _scaled(vicreg_parts(z1, t2, *weights, *settings), half), t2),
-        ("", _scaled(vicreg_parts(z2, t1, *weights, *settings), half), t1),
-    ]
-
-
-def _unigrad(method: Method, views: Views) -> list[Term]:
-    x1, x2 = views.large[:2]
-    u1, u2 = (F.normalize(method.projector(method.backbone(x)), dim=1) for x in (x1, x2))
-    t1, t2 = (F.normalize(method.target(x), dim=1) for x in (x1, x2))
-    targets = torch.cat([t1, t2])
-    batch = targets.T @ targets / targets.shape[0]
-    rho = method.correlation_momentum if bool(method.correlation_started) else 0.0
-    correlation = rho * method.correlation + (1 - rho) * batch  # F as the step that saw it
-    terms = []
-    for u, t in ((u1, t2), (u2, t1)):  # the loss is ½ (unigrad(u1, t2) + unigrad(u2, t1))
-        parts = unigrad_parts(u, t, correlation, method.balance)
-        terms.append(("", {name: 0.5 * part for name, part in parts.items()}, t))
-    return terms
-
-
-ADAPTERS: dict[str, Callable[[Method, Views], list[Term]]] = {
-    "simclr": _simclr,
-    "moco": _moco,
-    "moco_v3": _moco_v3,
-    "invaspread": _invaspread,
-    "byol": lambda method, views: _asymmetric(method, views, weight=2.0),
-    "simsiam": lambda method, views: _asymmetric(method, views, weight=0.5),
-    "barlow_twins": _barlow_twins,
-    "vicreg": _vicreg,
-    "unigrad": _unigrad,
-}
-
-
-def decompose(method: Method, name: str, views: Views) -> dict[str, float]:
-    """The scalars of every loss term of `method` (registered as `name`) on `views`, averaged
+def decompose(method: Decomposable, views: Views) -> dict[str, float]:
+    """The scalars of every loss term of `method` (its `gradient_terms`) on `views`, averaged
     over the terms (symmetrised losses: both); `balance` is the ratio of the averaged norms.
     Nothing of the method changes but what its forward would change (batch-norm statistics)."""
-    if name not in ADAPTERS:
-        raise ValueError(
-            f"gradient decomposition of method '{name}' is not supported; supported: "
-            f"{', '.join(ADAPTERS)}"
-        )
     sums: dict[str, list[float]] = {}
     with torch.no_grad():
-        terms = ADAPTERS[name](method, views)
+        terms = method.gradient_terms(views)
     for prefix, parts, target in terms:
         for key, value in gradient_scalars(parts, target).items():
             sums.setdefault(prefix + key, []).append(value)

@@ -8,14 +8,16 @@ import errno
 import hashlib
 import io
 import json
+import logging
 import os
 import pickle
-import sys
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1  # {"format", "sha256", "payload": the torch.save bytes of the state}
 
@@ -170,10 +172,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             state = read_checkpoint(previous)
         except CheckpointError as second:
             raise CheckpointError(f"{error}; and the one before it: {second}") from second
-        print(
+        logger.warning(
             f"selfsup: warning: {error}; using the previous checkpoint {previous} "
-            f"(step {state['step']})",
-            file=sys.stderr,
+            f"(step {state['step']})"
         )
         return state
 

@@ -78,7 +78,7 @@ def info_nce_hybrid(
 ) -> Tensor:
     """InfoNCE with shared and per-query negatives: (1 + K + K_b)-way, positive at index 0.
 
-    MoCo's hybrid dictionary (seed 000 §3.1), CMC's memory-bank loss: query, key (N, D) unit
+    MoCo's hybrid dictionary (methods/moco.py), CMC's memory-bank loss: query, key (N, D) unit
     vectors, key[i] is query[i]'s positive; negatives (K, D) shared by all queries (the queue,
     K may be 0); own_similarity (N, K_b): q_i·b_ij with the negatives of query i alone
     (memory-bank rows, `MemoryBank.similarity`). With K_b = 0 this is `info_nce`.

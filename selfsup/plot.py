@@ -1,133 +1,102 @@
-"""Training curves as a PNG drawn with Pillow (no plotting dependency)."""
+"""The charts of selfsup, drawn with matplotlib: a run's training curves, several runs' lines on
+one panel (compare), probe accuracy per network stage (stages).
+
+Each function returns its matplotlib Figure and, given a path, writes it there in the format its
+suffix names (.png or .svg). Figures are built without pyplot: no global backend or figure list,
+nothing to close, safe to call from any thread. matplotlib is imported when the first chart is
+drawn, not when selfsup is (it adds ~0.4 s to a start).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-from PIL import Image, ImageDraw, ImageFont
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
-PANEL_W, PANEL_H, MARGIN = 420, 260, 48
+FORMATS = (".png", ".svg")
+DPI = 100  # pixels per inch of a PNG: a 9-inch-wide chart is 900 pixels
+MARKERS_BELOW = 40  # a line of fewer points marks each one (a monitor's few epochs)
 
-
-def plot_curves(metrics: list[dict[str, Any]], path: Path, title: str = "") -> None:
-    """Two panels: training loss against step, kNN top-1 against epoch."""
-    loss = [(r["step"], r["loss"]) for r in metrics if "loss" in r and "step" in r]
-    # the monitor's lines; evaluation events (no epoch) carry knn_top1 too
-    knn = [(r["epoch"], r["knn_top1"]) for r in metrics if "knn_top1" in r and "epoch" in r]
-    image = Image.new("RGB", (2 * PANEL_W, PANEL_H + 24), "white")
-    draw = ImageDraw.Draw(image)
-    font = _font(12)
-    draw.text((8, 4), title, fill="black", font=font)
-    _panel(draw, font, (0, 24), [(loss, "#1f77b4")], "loss", "step")
-    _panel(draw, font, (PANEL_W, 24), [(knn, "#d62728")], "kNN top-1 (%)", "epoch")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
-
-
-# Distinct colours for several runs on one chart (matplotlib's default cycle).
-# matplotlib's tab10, then ten darker or distinct tones: a comparison of every method (~20 lines)
-# gives each its own colour
+# Distinct colours for several runs on one chart: matplotlib's tab10, then ten darker or distinct
+# tones, so that a comparison of every method (~20 lines) gives each its own colour.
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
            "#7f7f7f", "#bcbd22", "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39",
            "#7b4173", "#000000", "#e6550d", "#31a354", "#ce6dbd", "#6baed6")  # fmt: skip
 
 
+def plot_curves(metrics: list[dict[str, Any]], path: Path | None = None, title: str = "") -> Figure:
+    """Two panels: training loss against step, kNN top-1 against epoch."""
+    loss = [(r["step"], r["loss"]) for r in metrics if "loss" in r and "step" in r]
+    # the monitor's lines; evaluation events (no epoch) carry knn_top1 too
+    knn = [(r["epoch"], r["knn_top1"]) for r in metrics if "knn_top1" in r and "epoch" in r]
+    figure = _figure(width=10, height=3.6)
+    left, right = figure.subplots(1, 2)
+    _lines(left, [(loss, PALETTE[0], None)], "step", "training loss")
+    _lines(right, [(knn, PALETTE[3], None)], "epoch", "kNN top-1 (%)")
+    if title:
+        figure.suptitle(title)
+    return _save(figure, path)
+
+
 def plot_series(
     series: dict[str, list[tuple[float, float]]],
-    path: Path,
+    path: Path | None,
     xlabel: str,
     ylabel: str,
     title: str = "",
     groups: dict[str, str] | None = None,
     xticks: list[tuple[float, str]] | None = None,
-) -> None:
+    thresholds: dict[str, float] | None = None,
+) -> Figure:
     """Several named lines on one panel, with a legend (e.g. each run's kNN against time).
 
     `groups` maps a line's name to a legend entry: lines of one group (the seeds of one recipe)
     share a colour and one legend line. By default every line is its own group. `xticks`:
-    (x, label) pairs to name on the x axis instead of five numeric ticks.
+    (x, label) pairs to name on the x axis instead of numbers. `thresholds`: horizontal dashed
+    reference lines by legend entry (the collapse guard's floor).
     """
     groups = groups or {name: name for name in series}
     labels = list(dict.fromkeys(groups[name] for name in series))
     color = {label: PALETTE[i % len(PALETTE)] for i, label in enumerate(labels)}
-    image = Image.new("RGB", (PANEL_W * 2, PANEL_H + 24 + 16 * len(labels)), "white")
-    draw = ImageDraw.Draw(image)
-    font = _font(12)
-    draw.text((8, 4), title, fill="black", font=font)
-    lines = [(points, color[groups[name]]) for name, points in series.items()]
-    _panel(draw, font, (0, 24), lines, ylabel, xlabel, width=2 * PANEL_W, xticks=xticks)
-    for i, label in enumerate(labels):
-        y = PANEL_H + 24 + 16 * i
-        draw.line([MARGIN, y + 7, MARGIN + 24, y + 7], fill=color[label], width=3)
-        draw.text((MARGIN + 32, y), label, fill="black", font=font)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
-
-
-def _font(size: int) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has one fixed-size bitmap font
-        return ImageFont.load_default()
-
-
-def _panel(draw, font, origin, lines, ylabel, xlabel, width=PANEL_W, xticks=None) -> None:  # noqa: ANN001
-    """Axes with ticks and one polyline per (points, colour) in `lines`, on shared scales;
-    `xticks`: (x, label) pairs instead of five numeric x ticks, in two rows when crowded."""
-    x0, y0 = origin[0] + MARGIN, origin[1] + 8
-    w, h = width - MARGIN - 16, PANEL_H - MARGIN - 8
-    draw.rectangle([x0, y0, x0 + w, y0 + h], outline="#888888")
-    draw.text((x0, y0 + h + 18), xlabel, fill="black", font=font)
-    draw.text((x0 + 4, y0 + 2), ylabel, fill=lines[0][1] if len(lines) == 1 else "black", font=font)
-    points = [p for line, _ in lines for p in line]
-    if not points:
-        draw.text((x0 + w // 3, y0 + h // 2), "no data yet", fill="#888888", font=font)
-        return
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    x_lo, x_hi = min(xs), max(xs)
-    y_lo, y_hi = min(ys), max(ys)
-    if x_hi == x_lo:
-        x_hi = x_lo + 1
-    pad = (y_hi - y_lo) * 0.05 or 0.5
-    y_lo, y_hi = y_lo - pad, y_hi + pad
-
-    def to_pixel(x: float, y: float) -> tuple[float, float]:
-        return x0 + (x - x_lo) / (x_hi - x_lo) * w, y0 + h - (y - y_lo) / (y_hi - y_lo) * h
-
-    for i in range(5):  # y ticks
-        value = y_lo + (y_hi - y_lo) * i / 4
-        _, py = to_pixel(x_lo, value)
-        draw.line([x0 - 3, py, x0, py], fill="#888888")
-        draw.text((origin[0] + 2, py - 6), f"{value:.3g}", fill="black", font=font)
-    if xticks is None:
-        xticks = [(x_lo + (x_hi - x_lo) * i / 4, None) for i in range(5)]
-    crowded = any(draw.textlength(t or "", font=font) > w / len(xticks) for _, t in xticks)
-    for i, (value, text) in enumerate(xticks):  # x ticks
-        px, _ = to_pixel(value, y_lo)
-        draw.line([px, y0 + h, px, y0 + h + 3], fill="#888888")
-        if text is None:
-            draw.text((px - 8, y0 + h + 4), f"{value:.3g}", fill="black", font=font)
-        else:
-            row = 13 * (i % 2) if crowded else 0
-            length = draw.textlength(text, font=font)  # centred, kept inside the panel
-            left = min(max(px - length / 2, origin[0] + 2), origin[0] + width - length - 2)
-            draw.text((left, y0 + h + 4 + row), text, fill="black", font=font)
-    for line, color in lines:
-        pixels = [to_pixel(x, y) for x, y in line]
-        if len(pixels) > 1:
-            draw.line(pixels, fill=color, width=2)
-        for px, py in pixels if len(pixels) < 40 else []:
-            draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=color)
+    seen: set[str] = set()
+    lines = []
+    for name, points in series.items():
+        label = groups[name]
+        lines.append((points, color[label], None if label in seen else label))
+        seen.add(label)
+    legend = labels != [ylabel] or bool(thresholds)  # a lone line the y axis names needs none
+    figure = _figure(width=9.5 if legend else 8, height=4.2)
+    axes = figure.subplots()
+    _lines(axes, lines, xlabel, ylabel)
+    for i, (label, value) in enumerate((thresholds or {}).items()):
+        style = ("--", ":", "-.")[i % 3]
+        axes.axhline(value, color="#555555", linestyle=style, linewidth=1, label=label)
+    if xticks is not None:
+        positions, names = [x for x, _ in xticks], [name for _, name in xticks]
+        # ~the characters that fit along the axis, labels centred on evenly spaced ticks
+        crowded = len(names) * (max(map(len, names)) + 2) > (70 if legend else 100)
+        axes.set_xticks(positions, names, rotation=30 if crowded else 0,
+                        ha="right" if crowded else "center")  # fmt: skip
+        axes.set_xlim(min(positions) - 0.3, max(positions) + 0.3)
+    if legend:  # beside the panel, never over a line; long lists in two columns
+        axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False,
+                    ncol=2 if len(labels) > 14 else 1, fontsize="small")  # fmt: skip
+    if title:
+        axes.set_title(title)
+    return _save(figure, path)
 
 
 def plot_stages(
     results: dict[str, list[tuple[str, float]]],
     order: list[str],
-    path: Path,
+    path: Path | None = None,
     ylabel: str = "linear top-1 (%)",
     title: str = "",
-) -> None:
+) -> Figure:
     """Probe accuracy against network stage, one line per run ({label: [(stage, accuracy)]}).
 
     x is a stage's place in `order` (eval.stages.stage_order), named on the axis, so runs with
@@ -136,4 +105,61 @@ def plot_stages(
     place = {stage: i for i, stage in enumerate(order)}
     series = {label: [(place[s], v) for s, v in points] for label, points in results.items()}
     ticks = [(float(i), stage) for i, stage in enumerate(order)]
-    plot_series(series, path, "", ylabel, title, xticks=ticks)
+    return plot_series(series, path, "network stage", ylabel, title, xticks=ticks)
+
+
+def save(figure: Figure, path: Path | BinaryIO, format: str | None = None) -> None:
+    """Write `figure` to `path` (.png or .svg, by its suffix) or to a binary file in `format`."""
+    if isinstance(path, (str, Path)):
+        path = Path(path)
+        if path.suffix.lower() not in FORMATS:
+            raise ValueError(f"a chart is written as .png or .svg, not '{path.name}'")
+        format = path.suffix.lower()[1:]
+        path.parent.mkdir(parents=True, exist_ok=True)
+    # no date in an SVG: a chart of the same numbers is the same file (docs/images stay diffable)
+    metadata = {"Date": None} if format == "svg" else None
+    figure.savefig(path, format=format, dpi=DPI, metadata=metadata)
+
+
+def _save(figure: Figure, path: Path | None) -> Figure:
+    if path is not None:
+        save(figure, path)
+    return figure
+
+
+def _figure(width: float, height: float) -> Figure:
+    from matplotlib.figure import Figure
+
+    # constrained layout: room for tick labels, titles and a legend beside the panel
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def _lines(
+    axes: Axes,
+    lines: Sequence[tuple[list[tuple[float, float]], str, str | None]],
+    xlabel: str,
+    ylabel: str,
+) -> None:
+    """One line per (points, colour, legend label or None) on `axes`, with labelled axes whose
+    ticks are round numbers (matplotlib's locator: 0, 5, 10, not 0.598, 10.1); whole-numbered x
+    (steps) gets whole-numbered ticks."""
+    from matplotlib.ticker import MaxNLocator
+
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.grid(True, color="#e5e5e5", linewidth=0.8)
+    axes.set_axisbelow(True)
+    if all(float(x).is_integer() for points, _, _ in lines for x, _ in points):
+        # AutoLocator's steps (MaxNLocator alone also takes 1.5, 3, 4...: 15000, 30000)
+        whole = MaxNLocator(nbins="auto", steps=[1, 2, 2.5, 5, 10], integer=True)
+        axes.xaxis.set_major_locator(whole)  # steps 2, 3, 4 on a short run, not 2.25
+    if not any(points for points, _, _ in lines):
+        axes.text(0.5, 0.5, "no data yet", transform=axes.transAxes, ha="center",
+                  va="center", color="#888888")  # fmt: skip
+        axes.set_xticks([])  # no numbers on an axis with nothing on it
+        axes.set_yticks([])
+        return
+    for points, color, label in lines:
+        marker = "o" if len(points) < MARKERS_BELOW else None
+        axes.plot([x for x, _ in points], [y for _, y in points], color=color, label=label,
+                  linewidth=1.6, marker=marker, markersize=3.5)  # fmt: skip

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from selfsup.dist import all_reduce
+from selfsup.dist import PROCESSES, GlobalBatch
 
 
 class Prototypes(nn.Module):
@@ -45,22 +45,29 @@ class Prototypes(nn.Module):
 
 
 @torch.no_grad()
-def sinkhorn(scores: Tensor, epsilon: float = 0.05, iterations: int = 3) -> Tensor:
+def sinkhorn(
+    scores: Tensor,
+    epsilon: float = 0.05,
+    iterations: int = 3,
+    global_batch: GlobalBatch = PROCESSES,
+) -> Tensor:
     """Soft codes with equal prototype shares, by Sinkhorn-Knopp (SwAV §3.1, eq. 3; Cuturi 2013).
 
-    scores (B, K): z_b·c_k for this process's B samples. The samples of all processes, B_all in
-    total, are assigned together: every sum over samples is all-reduced (the code's
-    distributed_sinkhorn). The solution of eq. 3 is Q* = Diag(u) exp(CᵀZ/ε) Diag(v), K × B_all;
-    starting from P = exp(CᵀZ/ε) / ΣP, each iteration scales the rows (prototypes) to sum 1/K,
-    then the columns (samples) to sum 1/B_all. Returns B_all·Qᵀ (B, K), this process's rows:
-    each sample's code sums to 1 (exactly: the columns are scaled last) and each prototype
-    receives B_all/K of the codes' mass (up to the iterations' convergence).
+    scores (B, K): z_b·c_k for this part's B samples. The samples of all parts of `global_batch`
+    (the processes, or every process's micro-batches), B_all in total, are assigned together:
+    every sum over samples is all-reduced over them (the code's distributed_sinkhorn). The
+    solution of eq. 3 is Q* = Diag(u) exp(CᵀZ/ε) Diag(v), K × B_all; starting from
+    P = exp(CᵀZ/ε) / ΣP, each iteration scales the rows (prototypes) to sum 1/K, then the columns
+    (samples) to sum 1/B_all. Returns B_all·Qᵀ (B, K), this part's rows: each sample's code sums
+    to 1 (exactly: the columns are scaled last) and each prototype receives B_all/K of the codes'
+    mass (up to the iterations' convergence).
     No gradient; float32 even under autocast. exp(s/ε) is taken as the code does, without
     subtracting a maximum: cosine scores (|s| ≤ 1) keep it finite for ε ≥ 0.012.
     """
     with torch.autocast(scores.device.type, enabled=False):
         q = torch.exp(scores.float() / epsilon)  # (B, K): Qᵀ
         num_prototypes = q.shape[1]
+        all_reduce = global_batch.all_reduce
         num_samples = all_reduce(q.new_tensor(float(q.shape[0])))  # B_all
         q /= all_reduce(q.sum())
         for _ in range(iterations):

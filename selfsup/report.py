@@ -6,10 +6,11 @@ gradients.json), a 2-D map of test-split encoder features coloured by class, and
 nearest-neighbour retrieval grid (test queries beside their nearest training images by cosine of
 the encoder features, the similarity the kNN probe votes with). Across runs: one comparison table.
 
-Every figure is a PNG embedded as a base64 data URI and the CSS is inline; the page has no script
-and no external URL, so it opens from disk, offline, and can be mailed as one file. The report only
-reads the run folders and embeds seeded subsets of images: the evaluations themselves are the
-other commands' (`selfsup eval`, `stages`, `stats`, `gradients`).
+Every figure is a PNG embedded as a base64 data URI (the charts drawn by selfsup.plot, with
+matplotlib) and the CSS is inline; the page has no script and no external URL, so it opens from
+disk, offline, and can be mailed as one file. The report only reads the run folders and embeds
+seeded subsets of images: the evaluations themselves are the other commands' (`selfsup eval`,
+`stages`, `stats`, `gradients`).
 """
 
 from __future__ import annotations
@@ -18,12 +19,11 @@ import base64
 import html
 import io
 import json
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -33,13 +33,18 @@ from torch import Tensor
 
 from selfsup.build import load_data, pick_device
 from selfsup.data.datasets import ImageData
+from selfsup.data.subsets import seeded_subset
 from selfsup.engine.collapse import MIN_RANK, MIN_STD, PATIENCE
 from selfsup.engine.log import format_duration
+from selfsup.eval.protocols import stored_results
 from selfsup.eval.stages import stage_order
-from selfsup.plot import PALETTE, plot_curves, plot_series, plot_stages
+from selfsup.plot import PALETTE, plot_curves, plot_series, plot_stages, save
 from selfsup.probes.features import extract
 from selfsup.probes.statistics import normalized_std
 from selfsup.run import Run
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 MAP_SIZE = 480  # pixels of the square embedding map
 TILE = 48  # smallest side of one image in the retrieval grid (small images are enlarged)
@@ -119,11 +124,6 @@ def _pca(features: Tensor) -> np.ndarray:
     return (centred @ vh[:2].T).numpy()
 
 
-def _subset(count: int, size: int, seed: int) -> Tensor:
-    """The first `size` of a permutation of range(count) seeded by `seed` (all, if fewer)."""
-    return torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:size]
-
-
 def retrieval(
     train: ImageData,
     test: ImageData,
@@ -132,8 +132,8 @@ def retrieval(
 ) -> Retrieval:
     """`settings.queries` seeded test images and their `settings.neighbours` nearest images among
     `settings.bank_images` seeded training images, by cosine of `features` (images -> (N, D))."""
-    queries = _subset(len(test), settings.queries, settings.seed)
-    bank = _subset(len(train), settings.bank_images, settings.seed + 1)
+    queries = seeded_subset(len(test), settings.queries, settings.seed)
+    bank = seeded_subset(len(train), settings.bank_images, settings.seed + 1)
     nearest = nearest_neighbours(
         features(test.images[queries]), features(train.images[bank]), settings.neighbours
     )
@@ -225,28 +225,19 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], cls: str = "") 
     return f"<table{attr}><thead><tr>{head}</tr></thead><tbody>{''.join(lines)}</tbody></table>"
 
 
-def _image_uri(image: Image.Image) -> str:
+def _img(image: Image.Image | Figure, alt: str, pixels: bool = False) -> str:
+    """An <img> of a picture or of a chart of selfsup.plot, its PNG inside the page as a base64
+    data URI."""
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def _img(image: Image.Image, alt: str, pixels: bool = False) -> str:
+    if isinstance(image, Image.Image):
+        image.save(buffer, format="PNG")
+    else:
+        save(image, buffer, format="png")
+    with Image.open(buffer) as png:  # reads the header only
+        width, height = png.size
+    uri = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
     cls = " class='pixels'" if pixels else ""
-    return (
-        f"<img{cls} src='{_image_uri(image)}' alt='{_escape(alt)}' width='{image.width}' "
-        f"height='{image.height}'>"
-    )
-
-
-def _chart(plot: Callable[..., None], *args: Any, **kwargs: Any) -> Image.Image:
-    """A chart of selfsup.plot (whose functions write a PNG file to `path`) as an image in memory:
-    `plot(*args, path=..., **kwargs)`."""
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "chart.png"
-        plot(*args, path=path, **kwargs)
-        with Image.open(path) as image:
-            return image.copy()
+    return f"<img{cls} src='{uri}' alt='{_escape(alt)}' width='{width}' height='{height}'>"
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -258,13 +249,9 @@ def _seconds(metrics: list[dict[str, Any]]) -> float:
     return trained[-1] if trained else float("nan")
 
 
-def _collapse(metrics: list[dict[str, Any]]) -> dict[str, Any] | None:
-    return next((r for r in metrics if r.get("event") == "collapse"), None)
-
-
 def _accuracy(run: Run, metrics: list[dict[str, Any]], key: str) -> str:
     """eval.json's value of `key`; for kNN without one, the online monitor's last value."""
-    stored = _read_json(run.path / "eval.json") or {}
+    stored = stored_results(run)
     if key in stored:
         return f"{stored[key]:.2f}"
     monitor = [r[key] for r in metrics if key in r and "event" not in r]
@@ -275,7 +262,7 @@ def _comparison(runs: list[Run], labels: list[str]) -> str:
     rows = []
     for run, label in zip(runs, labels, strict=True):
         metrics, config = run.metrics, run.config
-        collapse = _collapse(metrics)
+        collapse = run.collapse_event()
         rows.append(
             [
                 label,
@@ -333,7 +320,7 @@ def _collapse_part(run: Run, metrics: list[dict[str, Any]], label: str) -> str:
         f"checks in a row."
     )
     parts = ["<h3>Collapse indicators</h3>", f"<p class='note'>{floors}</p>"]
-    collapse = _collapse(metrics)
+    collapse = run.collapse_event()
     if collapse is not None:
         parts.append(f"<p class='warn'>Stopped: {_escape(collapse['message'])}</p>")
     if not checks:
@@ -345,24 +332,21 @@ def _collapse_part(run: Run, metrics: list[dict[str, Any]], label: str) -> str:
         f"<p>Last check (step {last['step']}): embed_std {last['embed_std']:.3g}, "
         f"embed_rank {last['embed_rank']:.3g}.</p>"
     )
-    first, end = checks[0]["step"], checks[-1]["step"]
     for key, floor, meaning in (
         ("embed_std", MIN_STD, "spread of the normalised embeddings (0: collapsed)"),
         ("embed_rank", MIN_RANK, "effective rank of the embeddings (1: collapsed)"),
     ):
-        series = {
-            key: [(r["step"], r[key]) for r in checks],
-            "floor": [(first, floor), (end, floor)],
-        }
+        series = {key: [(r["step"], r[key]) for r in checks]}
         title = f"{label}: {key}, {meaning}"
-        chart = _chart(plot_series, series, xlabel="step", ylabel=key, title=title)
+        floors = {f"collapse floor ({floor:g})": floor}
+        chart = plot_series(series, None, "step", key, title, thresholds=floors)
         parts.append(_img(chart, f"{key} against step"))
     return "\n".join(parts)
 
 
 def _eval_part(run: Run) -> str:
-    stored = _read_json(run.path / "eval.json")
-    if stored is None:
+    stored = stored_results(run)
+    if not stored:
         return (
             "<h3>Evaluation</h3><p class='note'>No eval.json yet: "
             f"<code>selfsup eval all {_escape(run.path)}</code></p>"
@@ -392,7 +376,7 @@ def _stages_part(run: Run, label: str) -> str:
     }
     ylabel = key.replace("_top1", " top-1 (%)")
     title = f"{label}: {ylabel} per stage"
-    chart = _chart(plot_stages, lines, order, ylabel=ylabel, title=title)
+    chart = plot_stages(lines, order, ylabel=ylabel, title=title)
     return (
         "<h3>Stage-wise probes (stages.json)</h3>"
         + _img(chart, "probe accuracy per stage")
@@ -491,7 +475,7 @@ def _features_part(run: Run, label: str, settings: Settings) -> str:
     def features(images: Tensor) -> Tensor:
         return extract(encoder, images, run.views.eval_transform, config.eval.batch_size)
 
-    shown = _subset(len(test), settings.map_images, settings.seed)
+    shown = seeded_subset(len(test), settings.map_images, settings.seed)
     points, projection = project_2d(features(test.images[shown]), settings.seed)
     labels = test.labels[shown] if test.labels is not None else None
     classes = test.classes or [str(c) for c in range(test.num_classes or 0)]
@@ -527,7 +511,7 @@ def _features_part(run: Run, label: str, settings: Settings) -> str:
 def _run_section(run: Run, label: str, index: int, settings: Settings) -> str:
     metrics = run.metrics
     training = [r for r in metrics if "event" not in r]  # evaluations' lines have no epoch
-    curves = _chart(plot_curves, training, title=label)
+    curves = plot_curves(training, title=label)
     parts = [
         f"<section class='run' id='run-{index + 1}'>",
         f"<h2>{_escape(label)}</h2>",

@@ -82,6 +82,10 @@ class Run:
     def metrics(self) -> list[dict[str, Any]]:
         return read_metrics(self.metrics_path)
 
+    def collapse_event(self) -> dict[str, Any] | None:
+        """The "collapse" record of a run the collapse guard stopped, else None."""
+        return next((r for r in self.metrics if r.get("event") == "collapse"), None)
+
     @property
     def has_checkpoint(self) -> bool:
         """Whether a checkpoint was saved (last.pt, or previous.pt when last.pt is lost)."""

@@ -1,7 +1,7 @@
 """What one training step shows a method: its views and the training progress.
 
 The ground floor: the engine builds these and every method reads them, so they depend on nothing
-else in the package.
+else in the package but its neighbour on that floor, selfsup.dist.
 """
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from torch import Tensor
+
+from selfsup.dist import PROCESSES, GlobalBatch
 
 
 @dataclass(frozen=True)
@@ -24,3 +26,6 @@ class Views:
     small: list[Tensor] = field(default_factory=list)  # multi-crop local views
     index: Tensor | None = None  # dataset indices (N,), for memory banks
     labels: Tensor | None = None  # class labels (N,): only for methods with uses_labels = True
+    # The parts of the global batch this batch is one of: a forward gathers, all-reduces and
+    # finds its rank through it (the processes; a step's micro-batches under train.accumulate).
+    global_batch: GlobalBatch = PROCESSES

@@ -10,7 +10,7 @@ copied from the online modules at every update. They are used only in eval mode,
 with its own averaged statistics would disagree with the weights it holds; in train mode BN uses
 batch statistics, so the copy changes nothing the target computes during training.
 
-Stop-gradient targets (seed 002's "momentum encoder across families" experiment):
+Stop-gradient targets (the momentum encoder across families, Tao et al. 2022 Table 2):
 `use_stop_gradient_targets(method)` calls `share_online()` on every EMA of a method. The target then
 has no weights of its own: it runs the online modules under no_grad (outputs detached) and
 `update()` does nothing, i.e. momentum 0 without a second copy. The method's code is unchanged.
@@ -33,7 +33,7 @@ from selfsup.schedules import cosine_ramp
 
 # train.target: "method" (as the paper), "stop_gradient" (no momentum network: the target side is
 # the online network behind a stop-gradient), "momentum" (a momentum network: an EMA of the online
-# one). The comparison of seed 002 (UniGrad, Tao et al. 2022, arXiv 2112.05141, Table 2).
+# one). The comparison of UniGrad's Table 2 (Tao et al. 2022, arXiv 2112.05141).
 TARGET_SETTINGS = ("method", "stop_gradient", "momentum")
 
 

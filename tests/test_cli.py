@@ -1,6 +1,13 @@
 """The command line: errors name the problem and the fix; listings work."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 from selfsup.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_unknown_override_key_lists_the_valid_keys(capsys, tmp_path):
@@ -20,6 +27,29 @@ def test_recipes_and_methods_are_listed(capsys):
     assert "simclr/fashion_mnist" in out
     assert main(["methods"]) == 0
     assert "simclr" in capsys.readouterr().out
+
+
+def _selfsup(*args: str, stdout) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "selfsup", *args], cwd=ROOT, stdout=stdout, stderr=subprocess.PIPE
+    )
+
+
+def test_a_listing_into_a_pipe_closed_early_ends_quietly():
+    # `selfsup recipes | head -1`: the reader takes one line and goes away
+    listing = _selfsup("recipes", stdout=subprocess.PIPE)
+    assert listing.stdout.readline()
+    listing.stdout.close()
+    err = listing.communicate(timeout=120)[1].decode()
+    assert "Traceback" not in err and "Error" not in err, err
+    assert listing.returncode in (0, 141)  # 0 when every line was in the pipe before it closed
+    # a reader gone before the first write: always a broken pipe, as SIGPIPE would end `cat`
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    listing = _selfsup("recipes", stdout=write_end)
+    os.close(write_end)
+    err = listing.communicate(timeout=120)[1].decode()
+    assert err == "" and listing.returncode == 141
 
 
 def test_eval_of_a_folder_that_is_not_a_run_says_so(capsys, tmp_path):

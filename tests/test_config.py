@@ -116,3 +116,32 @@ def test_a_zero_temperature_fails_where_the_method_is_built(method):
 
     with pytest.raises(ValueError, match="'method.temperature' must be > 0, got 0"):
         METHODS.build({"name": method, "temperature": 0}, backbone=nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize(
+    ("method", "key", "value", "message"),
+    [
+        ("unigrad", "correlation_momentum", 1,
+         r"'method.correlation_momentum' must be in \[0, 1\)"),
+        ("unigrad", "balance", 0, "'method.balance' must be > 0, got 0"),
+        ("cmc", "num_negatives", 0, "'method.num_negatives' must be >= 1, got 0"),
+    ],
+)  # fmt: skip
+def test_a_method_parameter_has_one_limit_when_read_and_where_built(method, key, value, message):
+    from selfsup.registry import METHODS
+
+    with pytest.raises(ValueError, match=message):
+        load_config(f"{method}/fashion_mnist", [f"method.{key}={value}"])
+    supplied = {"backbone": nn.Linear(2, 2), "make_backbone": None, "num_samples": 10}
+    with pytest.raises(ValueError, match=message):
+        METHODS.build({"name": method, key: value}, **supplied)
+
+
+def test_a_stricter_limit_of_one_method_is_stated_where_it_is_built():
+    from selfsup.registry import METHODS
+
+    # queue_size 0 is valid by name (SimCLR, SwAV: no queue), but MoCo's queue is its dictionary
+    assert load_config("simclr/fashion_mnist", ["method.queue_size=0"]).method["queue_size"] == 0
+    config = load_config("moco_v2/fashion_mnist", ["method.queue_size=0"])
+    with pytest.raises(ValueError, match="'method.queue_size' must be >= 1, got 0"):
+        METHODS.build(config.method, backbone=nn.Linear(2, 2))

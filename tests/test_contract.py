@@ -16,7 +16,7 @@ import selfsup.methods  # noqa: F401  (registers the methods)
 from selfsup.build import FROM_RUNS, build_method, build_views, load_data
 from selfsup.config import resolve
 from selfsup.engine.optim import Schedule, build_optimizer
-from selfsup.engine.train import Precision, training_step
+from selfsup.engine.step import Precision, training_step
 from selfsup.registry import METHODS
 from selfsup.step import Progress, Views
 

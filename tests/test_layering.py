@@ -12,13 +12,14 @@ FLOORS = [
     # ground: what everything shares; depends on nothing else in the package
     ["selfsup.registry", "selfsup.step", "selfsup.params", "selfsup.schedules", "selfsup.dist",
      "selfsup.files"],
-    # parts: data, views, backbones, heads, losses, target branches, negatives, plots, and the
-    # pure probes of features (the engine's kNN monitor and collapse guard use them)
+    # parts: data, views, backbones, heads, losses, target branches, negatives, plots, the
+    # pure probes of features (the engine's kNN monitor and collapse guard use them), and the
+    # parts of a loss's gradient (each method's gradient_terms uses them)
     ["selfsup.data", "selfsup.augment", "selfsup.backbones", "selfsup.heads", "selfsup.losses",
      "selfsup.target", "selfsup.negatives", "selfsup.prototypes", "selfsup.plot",
-     "selfsup.probes"],
+     "selfsup.probes", "selfsup.decomposition"],
     # methods: compositions of parts
-    ["selfsup.methods", "selfsup.decomposition"],
+    ["selfsup.methods"],
     # assembly: config validated against the registries, parts built from it, the run folder
     ["selfsup.config", "selfsup.build", "selfsup.run"],
     # the engine: the loop for every task

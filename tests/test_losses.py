@@ -2,9 +2,19 @@
 
 import math
 
+import pytest
 import torch
+import torch.nn.functional as F
 
-from selfsup.losses import nt_xent
+from selfsup.losses import (
+    dino_distillation,
+    info_nce,
+    moco_v3_contrast,
+    negative_cosine,
+    non_parametric_softmax,
+    nt_xent,
+    regression,
+)
 
 
 def nt_xent_by_the_formula(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> float:
@@ -54,3 +64,135 @@ def test_nt_xent_gradient_matches_float64_finite_differences():
     z1 = torch.randn(3, 4, generator=generator, dtype=torch.float64, requires_grad=True)
     z2 = torch.randn(3, 4, generator=generator, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b: nt_xent(a, b, 0.3), (z1, z2))
+
+
+# ---- MoCo, BYOL, SimSiam -------------------------------------------------------------------------
+
+
+def test_info_nce_with_a_queue_equals_the_per_sample_formula():
+    torch.manual_seed(0)
+    n, k, d, tau = 5, 9, 8, 0.2
+    q = F.normalize(torch.randn(n, d, dtype=torch.float64), dim=1)
+    key = F.normalize(torch.randn(n, d, dtype=torch.float64), dim=1)
+    queue = F.normalize(torch.randn(k, d, dtype=torch.float64), dim=1)
+    total = 0.0
+    for i in range(n):  # L = -log exp(q·k+/τ) / (exp(q·k+/τ) + Σ_i exp(q·k_i/τ))
+        positive = math.exp(float(q[i] @ key[i]) / tau)
+        negatives = sum(math.exp(float(q[i] @ queue[j]) / tau) for j in range(k))
+        total += -math.log(positive / (positive + negatives))
+    assert info_nce(q, key, queue, tau).item() == pytest.approx(total / n, rel=1e-12)
+
+
+def test_info_nce_is_log_of_one_plus_k_when_every_logit_is_equal():
+    d, k = 4, 15
+    q = F.one_hot(torch.zeros(3, dtype=torch.long), d).float()
+    key = F.one_hot(torch.ones(3, dtype=torch.long), d).float()  # q·k+ = 0
+    queue = F.one_hot(torch.full((k,), 2), d).float()  # q·k_i = 0
+    torch.testing.assert_close(info_nce(q, key, queue, 0.07), torch.tensor(math.log(1 + k)))
+
+
+def test_byol_regression_is_the_squared_distance_of_normalised_vectors():
+    torch.manual_seed(0)
+    p, z = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 5, dtype=torch.float64)
+    per_sample = [
+        float(((p[i] / p[i].norm() - z[i] / z[i].norm()) ** 2).sum()) for i in range(6)
+    ]  # ||p̄ − z̄||² = 2 − 2·cos(p, z), BYOL eq. 2
+    torch.testing.assert_close(regression(p, z), torch.tensor(sum(per_sample) / 6).double())
+
+
+def test_simsiam_negative_cosine_is_minus_the_mean_cosine():
+    torch.manual_seed(0)
+    p, z = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 5, dtype=torch.float64)
+    cosines = [float(p[i] @ z[i] / (p[i].norm() * z[i].norm())) for i in range(6)]
+    torch.testing.assert_close(
+        negative_cosine(p, z), torch.tensor(-sum(cosines) / 6, dtype=torch.float64)
+    )
+
+
+# ---- MoCo v3 ------------------------------------------------------------------------------------
+
+
+def test_moco_v3_contrast_is_2tau_times_the_cross_entropy_of_each_query_over_all_keys():
+    # Algorithm 1: ctr(q, k) = CrossEntropy(q·kᵀ/τ, labels) · 2τ with q, k normalised; the keys
+    # are the whole gathered batch and query i's label is offset + i (this process's rows).
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(4, 5, generator=generator, dtype=torch.float64)
+    keys = torch.randn(12, 5, generator=generator, dtype=torch.float64)  # 3 processes' keys
+    for temperature in (0.1, 0.2, 1.0):  # 2τ ≠ 1: a missing factor is seen
+        for offset in (0, 4, 8):
+            total = 0.0
+            for i in range(len(q)):
+                q_i = q[i] / q[i].norm()
+                logits = [float(q_i @ (k / k.norm())) / temperature for k in keys]
+                total += -math.log(math.exp(logits[offset + i]) / sum(math.exp(s) for s in logits))
+            expected = 2 * temperature * total / len(q)
+            loss = moco_v3_contrast(q, keys, temperature, offset)
+            assert loss.item() == pytest.approx(expected, rel=1e-10)
+
+
+# ---- DINO ---------------------------------------------------------------------------------------
+
+
+def dino_by_the_formula(student, teacher, center, tau_s, tau_t, swapped=False):
+    """Eq. 1-3 and Algorithm 1, one (teacher crop, student crop, sample) at a time:
+    H(P_t(x_i), P_s(x_v)) with P_t = softmax((g_t − c)/τ_t), P_s = softmax(g_s/τ_s), over the
+    pairs of a global crop i (teacher) with every other crop v ≠ i (student), averaged.
+    swapped: the wrong way round, H(P_s(x_v), P_t(x_i)) (the student as the target)."""
+    total, pairs = 0.0, 0
+    for i, t in enumerate(teacher):
+        for v, s in enumerate(student):
+            if v == i:
+                continue
+            for n in range(len(t)):
+                p_t = [math.exp((t[n, k] - center[k]).item() / tau_t) for k in range(len(center))]
+                p_s = [math.exp(s[n, k].item() / tau_s) for k in range(len(center))]
+                z_t, z_s = sum(p_t), sum(p_s)
+                if swapped:
+                    p_t, p_s, z_t, z_s = p_s, p_t, z_s, z_t
+                h = -sum(a / z_t * math.log(b / z_s) for a, b in zip(p_t, p_s, strict=True))
+                total += h / len(t)
+            pairs += 1
+    return total / pairs
+
+
+def test_dino_distillation_is_the_cross_entropy_of_the_centred_sharpened_teacher_over_pairs():
+    # 2 global + 2 local crops, N = 3, K = 5; the teacher sees only the global crops
+    generator = torch.Generator().manual_seed(0)
+    student = [torch.randn(3, 5, generator=generator, dtype=torch.float64) for _ in range(4)]
+    teacher = [torch.randn(3, 5, generator=generator, dtype=torch.float64) for _ in range(2)]
+    center = torch.randn(5, generator=generator, dtype=torch.float64)
+    tau_s, tau_t = 0.1, 0.04
+    expected = dino_by_the_formula(student, teacher, center, tau_s, tau_t)
+    loss = dino_distillation(student, teacher, center, tau_s, tau_t)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)  # the loss runs in float32
+    # what a wrong mechanism would give is another number: teacher and student swapped, their
+    # temperatures swapped, no centring, and each global crop also paired with itself
+    with_itself = sum(
+        dino_by_the_formula([s, s], [t], center, tau_s, tau_t)  # the pair (crop i, crop i) alone
+        for s, t in zip(student[:2], teacher, strict=True)
+    )
+    wrong = [
+        dino_by_the_formula(student, teacher, center, tau_s, tau_t, swapped=True),
+        dino_by_the_formula(student, teacher, center, tau_t, tau_s),
+        dino_by_the_formula(student, teacher, torch.zeros_like(center), tau_s, tau_t),
+        (expected * 2 * 3 + with_itself) / (2 * 4),  # 2 x 3 pairs, and the 2 same-crop pairs
+    ]
+    assert all(abs(loss.item() - value) > 1e-3 * abs(value) for value in wrong)
+
+
+# ---- InstDisc -----------------------------------------------------------------------------------
+
+
+def test_non_parametric_softmax_is_the_mean_negative_log_probability_over_the_bank():
+    # Wu et al. 2018 eq. 2: P(i|f) = exp(v_iᵀf/τ) / Σ_j exp(v_jᵀf/τ), j over all n bank entries
+    generator = torch.Generator().manual_seed(0)
+    features = F.normalize(torch.randn(4, 6, generator=generator, dtype=torch.float64), dim=1)
+    bank = F.normalize(torch.randn(10, 6, generator=generator, dtype=torch.float64), dim=1)
+    index = torch.tensor([7, 0, 3, 9])
+    temperature = 0.07
+    total = 0.0
+    for b in range(len(features)):
+        terms = [math.exp(float(bank[j] @ features[b]) / temperature) for j in range(len(bank))]
+        total += -math.log(terms[index[b]] / sum(terms))
+    loss = non_parametric_softmax(features, bank, index, temperature)
+    assert loss.item() == pytest.approx(total / len(features), rel=1e-10)

@@ -1,4 +1,4 @@
-"""train.target for the methods whose online network embeds both views (seed 002, UniGrad Table 2):
+"""train.target for the methods whose online network embeds both views (arXiv 2112.05141 Table 2):
 the momentum target gets no gradient and follows the EMA; the stop-gradient target keeps the loss
 value and stops the target side's gradient; configs, runs and resumes keep the setting."""
 

@@ -3,8 +3,9 @@
 Images are float (N, C, H, W) in [0, 1] with C = 1 or 3 unless a docstring says otherwise.
 Random parameters are drawn from an explicit `Generator` on the generator's device and
 moved to the images' device, so a CPU generator drives CUDA images and one seed gives one
-result. Every random op applies to each sample with probability `p`; a sample that is not
-selected gets identity parameters, which keeps the code free of masks and host syncs.
+result. The ops take per-sample parameters (N,); `ViewSpec` (views.py) draws them, each op
+applied to a sample with probability `p`, and a sample that is not selected gets identity
+parameters, which keeps the code free of masks and host syncs.
 """
 
 from __future__ import annotations
@@ -158,11 +159,6 @@ def _per_sample(v: Tensor) -> Tensor:
     return v.view(-1, 1, 1, 1)
 
 
-def adjust_brightness(x: Tensor, factor: Tensor) -> Tensor:
-    """x * factor (N,), clamped to [0, 1]."""
-    return (x * _per_sample(factor)).clamp_(0, 1)
-
-
 def adjust_contrast(x: Tensor, factor: Tensor) -> Tensor:
     """Blend with each image's mean luma: factor (N,) 0 -> flat grey, 1 -> x; clamped."""
     mean = x.mean((2, 3))  # (N, C); mean luma = luma of the channel means, one cheap reduction
@@ -195,16 +191,6 @@ def apply_color_matrix(x: Tensor, matrix: Tensor) -> Tensor:
     return matrix.to(x.device).bmm(x.reshape(n, c, -1)).clamp_(0, 1).view(n, c, height, width)
 
 
-def adjust_saturation(x: Tensor, factor: Tensor) -> Tensor:
-    """Blend with grey by factor (N,): 0 -> grayscale, 1 -> x; a no-op on 1-channel images."""
-    return apply_color_matrix(x, color_matrix(factor, torch.zeros_like(factor)))
-
-
-def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
-    """Rotate hue by shift (N,) turns in [-0.5, 0.5] (a YIQ rotation); no-op on 1 channel."""
-    return apply_color_matrix(x, color_matrix(torch.ones_like(shift), shift))
-
-
 def sample_jitter(
     n: int, strength: Sequence[float], p: float, generator: Generator, device
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -221,16 +207,6 @@ def sample_jitter(
     return b, c, s, torch.where(apply, shift, torch.zeros_like(shift))
 
 
-def color_jitter(x: Tensor, strength: Sequence[float], p: float, generator: Generator) -> Tensor:
-    """ColorJitter(*strength) with probability p, order brightness, contrast, saturation, hue.
-
-    torchvision shuffles the order per image; we keep it fixed. Saturation and hue run as one
-    per-sample 3x3 matrix, so there is no clamp between them.
-    """
-    b, c, s, h = sample_jitter(len(x), strength, p, generator, x.device)
-    return apply_color_matrix(adjust_contrast(adjust_brightness(x, b), c), color_matrix(s, h))
-
-
 def grayscale(x: Tensor, apply: Tensor | None = None) -> Tensor:
     """Replace every channel by the luma where apply (N,) bool (default: all); keeps C."""
     if x.shape[1] == 1:
@@ -242,11 +218,6 @@ def grayscale(x: Tensor, apply: Tensor | None = None) -> Tensor:
     # a per-sample 3x3 (grey or identity) in one bmm beats luma + torch.where by 2-3x
     matrix = torch.where(apply.to(x.device)[:, None, None], grey, torch.eye(3, device=x.device))
     return matrix.bmm(x.reshape(n, c, -1)).view_as(x)
-
-
-def random_grayscale(x: Tensor, p: float, generator: Generator) -> Tensor:
-    """Grayscale each sample with probability p (always drawn; a no-op for 1 channel)."""
-    return grayscale(x, bernoulli(len(x), p, generator, x.device))
 
 
 def blur_kernel_size(size: int) -> int:
@@ -279,16 +250,6 @@ def gaussian_blur(x: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
     return separable(x, rows, cols)
 
 
-def random_gaussian_blur(
-    x: Tensor, p: float, generator: Generator, sigma: Sequence[float] = (0.1, 2.0)
-) -> Tensor:
-    """Blur each sample with probability p, sigma ~ U(sigma), kernel ~10% of the side."""
-    apply = bernoulli(len(x), p, generator, x.device)
-    sigma_ = uniform(len(x), sigma[0], sigma[1], generator, x.device)
-    sigma_ = torch.where(apply, sigma_, torch.zeros_like(sigma_))
-    return gaussian_blur(x, sigma_, blur_kernel_size(x.shape[-1]))
-
-
 def solarize(x: Tensor, apply: Tensor | None = None, threshold: float = 0.5) -> Tensor:
     """Invert (1 - x) the pixels >= threshold of the samples where apply (N,) bool (default: all).
 
@@ -299,11 +260,6 @@ def solarize(x: Tensor, apply: Tensor | None = None, threshold: float = 0.5) -> 
     if apply is not None:
         change.mul_(_per_sample(apply.to(x.device, x.dtype)))
     return x - change
-
-
-def random_solarize(x: Tensor, p: float, generator: Generator) -> Tensor:
-    """Solarize each sample with probability p (BYOL: p = 0.2 on the second view)."""
-    return solarize(x, bernoulli(len(x), p, generator, x.device))
 
 
 def rgb_to_lab(x: Tensor) -> Tensor:

@@ -91,7 +91,6 @@ class ViewSpec:
         if self.jitter_p > 0:
             y = ops.adjust_contrast(y, factors[1])
             y = ops.apply_color_matrix(y, ops.color_matrix(factors[2], factors[3]))
-        # the same draws, in the same order, as ops.random_grayscale / _gaussian_blur / _solarize
         if self.grayscale_p > 0:
             y = ops.grayscale(y, ops.bernoulli(total, self.grayscale_p, generator, device)[rows])
         if self.blur_p > 0:

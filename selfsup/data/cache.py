@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -32,8 +32,10 @@ import numpy as np
 from selfsup.data import formats
 from selfsup.files import make_folder
 
+logger = logging.getLogger(__name__)
+
 SAVE_SECONDS = 10.0  # how often an interrupted decode's progress is saved
-REPORT_SECONDS = 10.0  # how often progress is printed
+REPORT_SECONDS = 10.0  # how often progress is logged
 CHUNK = 64  # files per task of a worker
 
 
@@ -136,8 +138,9 @@ def _decode(
     done = np.load(done_path) if resume else np.zeros(len(files), np.int8)  # 1 ok, -1 unreadable
     todo = np.flatnonzero(done == 0)
     if resume:
-        print(f"selfsup: resuming the cache of {folder}: {len(todo)} of {len(files)} images left",
-              file=sys.stderr)  # fmt: skip
+        logger.info(
+            f"selfsup: resuming the cache of {folder}: {len(todo)} of {len(files)} images left"
+        )
     tasks = (
         (str(partial), shape, [(int(i), str(files[i])) for i in todo[start : start + CHUNK]],
          mode, size)
@@ -158,8 +161,10 @@ def _decode(
             last_save = now
         if now - last_report > REPORT_SECONDS:
             rate = count / (now - started)
-            print(f"selfsup: caching {folder}: {count}/{len(todo)} images, {rate:.0f} img/s, "
-                  f"~{(len(todo) - count) / rate / 60:.1f} min left", file=sys.stderr)  # fmt: skip
+            logger.info(
+                f"selfsup: caching {folder}: {count}/{len(todo)} images, {rate:.0f} img/s, "
+                f"~{(len(todo) - count) / rate / 60:.1f} min left"
+            )
             last_report = now
     images.flush()
     _save_array(done, done_path)
@@ -167,9 +172,10 @@ def _decode(
     if not len(kept):
         raise ValueError(f"none of the {len(files)} image files in {folder} can be read")
     if skipped:
-        print(f"selfsup: warning: skipped {len(skipped)} of {len(files)} image files in {folder} "
-              f"that cannot be read (corrupt, truncated or not images), e.g. {skipped[0]}",
-              file=sys.stderr)  # fmt: skip
+        logger.warning(
+            f"selfsup: warning: skipped {len(skipped)} of {len(files)} image files in {folder} "
+            f"that cannot be read (corrupt, truncated or not images), e.g. {skipped[0]}"
+        )
         for row, i in enumerate(kept):  # close the gaps: row order stays the files' order
             if row != i:
                 images[row] = images[i]

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import logging
 import pickle
-import sys
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+logger = logging.getLogger(__name__)
 
 # What PIL raises for a file it cannot decode: UnidentifiedImageError (an OSError) for a zero-byte
 # or non-image file, OSError for a truncated one, SyntaxError / ValueError for broken headers.
@@ -261,10 +263,9 @@ def read_image_folder(
             f"none of the {len(files)} image files in {root} can be read, e.g. {skipped[0]}"
         )
     if skipped:
-        print(
+        logger.warning(
             f"selfsup: warning: skipped {len(skipped)} of {len(files)} image files in {root} "
-            f"that cannot be read (corrupt, truncated or not images), e.g. {skipped[0]}",
-            file=sys.stderr,
+            f"that cannot be read (corrupt, truncated or not images), e.g. {skipped[0]}"
         )
         images = images[readable]
         labels = labels[readable] if labels is not None else None

@@ -20,6 +20,13 @@ from selfsup.data.datasets import ImageData
 LABELLED_FILE = "labelled.json"
 
 
+def seeded_subset(count: int, size: int, seed: int) -> Tensor:
+    """Indices (int64) of `size` of range(count): the first of a permutation seeded by `seed`
+    with a generator of its own, so the global RNG is untouched (all count, permuted, if fewer).
+    """
+    return torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:size]
+
+
 def labelled_subset(labels: Tensor | None, fraction: float, seed: int) -> Tensor:
     """Sorted indices (int64) of a class-balanced subset: class c with n_c examples contributes
     max(round(fraction · n_c), 1) of them (Python's round: halves to even), the first ones of a

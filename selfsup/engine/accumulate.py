@@ -5,15 +5,17 @@ supervised). A loss that couples the batch (NT-Xent's negatives, Barlow Twins' c
 SwAV's Sinkhorn, ...) computed per micro-batch would be another loss: SimCLR at 4096 accumulated
 from 16 x 256 would see 510 negatives per anchor, not 8190. Gradient caching (Gao et al. 2021,
 "Scaling deep contrastive learning batch size under memory limited setup") keeps it exact, in
-three passes over the micro-batches (selfsup.dist.MicroBatches): one without a graph caches what
-each gathers; one with the parameters frozen takes the gradient of every micro-batch's loss with
-respect to the gathered tensors; one with the graph then runs each micro-batch, its gathers
-answered from the cache, and its rows of the gathered tensors receive their part of that
-gradient. The M backward passes sum to the large batch's gradient. The method's code is
-unchanged: micro-batches are to it what processes are (`dist.rank`, `dist.world_size`), so
-whatever is exact on several processes is exact here, and the two combine (each process's share
-is split into micro-batches). Each micro-batch draws its own random numbers (dropout, sampled
-negatives), the same in each of its passes; MoCo's shuffle is micro-batch 0's for all of them.
+three passes over the micro-batches: one without a graph caches what each gathers; one with the
+parameters frozen takes the gradient of every micro-batch's loss with respect to the gathered
+tensors; one with the graph then runs each micro-batch, its gathers answered from the cache, and
+its rows of the gathered tensors receive their part of that gradient. The M backward passes sum
+to the large batch's gradient. That state is an object the step owns: a `dist.MicroBatches`,
+made for each step and carried by each micro-batch's views as their `global_batch`. The method's
+code is unchanged: it gathers through `views.global_batch` (`gather`, `rank`, `parts`, ...),
+and micro-batches are to it what processes are, so whatever is exact on several processes is
+exact here, and the two combine (each process's share is split into micro-batches). Each
+micro-batch draws its own random numbers (dropout, sampled negatives), the same in each of its
+passes; MoCo's shuffle is micro-batch 0's for all of them.
 
 State updates (EMA, queue, memory bank, DINO's centre, UniGrad's F) happen once per step, after
 the optimizer step, with what the micro-batches returned concatenated in order, as a gather would
@@ -47,7 +49,8 @@ class Accumulation:
         self.count = count
         self.sweeps: int | None = None
 
-    def split(self, views: Views) -> list[Views]:
+    def split(self, views: Views, global_batch: dist.MicroBatches) -> list[Views]:
+        """The micro-batches of `views`, each carrying `global_batch` (the step's state)."""
         n = views.large[0].shape[0]
         if n % self.count:
             raise ValueError(
@@ -65,6 +68,7 @@ class Accumulation:
                 small=[part(x, m) for x in views.small],
                 index=part(views.index, m),
                 labels=part(views.labels, m),
+                global_batch=global_batch,
             )
             for m in range(self.count)
         ]
@@ -79,13 +83,13 @@ class Accumulation:
     ) -> dict[str, Any]:
         """Forward and backward of every micro-batch (gradients summed into .grad, the loss of
         each divided by M); returns their outputs merged (`merge`)."""
-        parts = self.split(views)
+        state = dist.MicroBatches(self.count)  # this step's: what its micro-batches gathered
+        parts = self.split(views, state)
         # Each micro-batch draws its own random numbers (dropout, sampled negatives), the same
         # in each of its passes: a seed per micro-batch from one draw of the global RNG.
         base = int(torch.randint(2**62, (1,)))
         after = _rng_state()
         rng = [base + m for m in range(self.count)]
-        state = dist.MicroBatches(self.count)
         if self.sweeps != 0:
             saved = batch_norm_state(method)
             self._record(method, parts, progress, precision, state, rng)
@@ -171,23 +175,22 @@ def _passes(
     rng: list[int],
     mode: str,
 ) -> Iterator[dict[str, Any]]:
-    """Each micro-batch's forward as a `mode` pass of `state`, with that micro-batch's seed (the
-    same random draws in each of its passes); yields the output inside the pass, so that the
-    caller's backward belongs to it."""
+    """Each micro-batch's forward as a `mode` pass of `state` (the parts' `global_batch`), with
+    that micro-batch's seed (the same random draws in each of its passes); yields the output
+    inside the pass, so that the caller's backward belongs to it."""
     for m, part in enumerate(parts):
         torch.manual_seed(rng[m])
-        with dist.micro_batches(state):
-            state.begin(m, mode)
-            with precision.autocast():
-                out = module(part, progress)
-            state.end()
-            yield out
+        state.begin(m, mode)
+        with precision.autocast():
+            out = module(part, progress)
+        state.end()
+        yield out
 
 
 def merge(outs: list[dict[str, Any]]) -> dict[str, Any]:
     """The outputs of the micro-batches as one step's: scalars (0-d) averaged, tensors and lists
-    of tensors concatenated along dim 0 in micro-batch order (as `dist.gather_nograd` returns the
-    processes' rows, which after_step already expects), anything else the last one's."""
+    of tensors concatenated along dim 0 in micro-batch order (as a gather returns the parts'
+    rows, which after_step already expects), anything else the last one's."""
     merged: dict[str, Any] = {}
     for key, first in outs[0].items():
         values = [out[key] for out in outs]

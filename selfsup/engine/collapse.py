@@ -19,6 +19,7 @@ from torch import nn
 
 from selfsup.config import Config
 from selfsup.data.datasets import ImageData
+from selfsup.data.subsets import seeded_subset
 from selfsup.probes.features import extract
 from selfsup.probes.statistics import effective_rank, normalized_std
 
@@ -52,8 +53,7 @@ class CollapseGuard:
         """A guard on a fixed, seeded subset of the training images; None when switched off."""
         if not config.train.collapse_guard:
             return None
-        generator = torch.Generator().manual_seed(config.train.seed)
-        index = torch.randperm(len(data), generator=generator)[:PROBE_SIZE]
+        index = seeded_subset(len(data), PROBE_SIZE, config.train.seed)
         return cls(data.images[index], views.eval_transform, device)
 
     def __call__(self, encoder: nn.Module, step: int) -> dict[str, float]:

@@ -1,11 +1,19 @@
-"""The progress bar: steps, loss, throughput and ETA on one line."""
+"""What the loop shows while it trains: the progress bar (steps, loss, throughput and ETA on one
+line) and the window of scalars behind each line of metrics.jsonl."""
 
 from __future__ import annotations
 
 import math
 import sys
 import time
+from pathlib import Path
 from typing import Any, TextIO
+
+import torch
+from torch import Tensor
+
+import selfsup.dist as dist
+from selfsup.engine.clock import TrainingClock
 
 
 def format_duration(seconds: float) -> str:
@@ -58,3 +66,49 @@ class ProgressBar:
         if self.enabled and self.tty:
             self.stream.write("\n")
             self.stream.flush()
+
+
+class MetricWindow:
+    """The logged scalars of the steps since the last log line, summed on the device (no sync per
+    step); `line` turns them into means over the steps and over the processes."""
+
+    def __init__(self, images_per_step: int, clock: TrainingClock) -> None:
+        self.images_per_step, self.clock = images_per_step, clock
+        self.restart()
+
+    def restart(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.steps, self.start = 0, self.clock.seconds()
+
+    def add(self, out: dict[str, Tensor]) -> None:
+        for key, value in out.items():
+            if value.dim() == 0:  # scalars are logged; tensors for after_step are not
+                self.sums[key] = self.sums.get(key, 0) + value.detach().float()
+        self.steps += 1
+
+    def line(self, step: int, epoch: float, lr: float, last_good: Path) -> dict[str, Any]:
+        """The metrics line of the window that ends at `step`; a loss that is not finite is an
+        error that names `last_good`, the checkpoint to go back to."""
+        seconds = self.clock.seconds()  # training time: a stopped process's pause not counted
+        elapsed = seconds - self.start
+        throughput = self.steps * self.images_per_step / max(elapsed, 1e-9)
+        # the means over all processes: the global batch's loss, the same on each rank
+        means = dist.mean(torch.stack(list(self.sums.values()))).tolist()
+        record = {k: v / self.steps for k, v in zip(self.sums, means, strict=True)}
+        if not all(map(_finite, record.values())):
+            raise FloatingPointError(
+                f"loss became {record['loss']} at step {step}; lower optim.lr or set "
+                f"optim.clip (the last good checkpoint is {last_good})"
+            )
+        return {
+            "step": step,
+            "epoch": round(epoch, 4),
+            **record,
+            "lr": lr,
+            "img_per_s": round(throughput, 1),
+            "seconds": round(seconds, 2),
+        }
+
+
+def _finite(value: float) -> bool:
+    return value == value and abs(value) != float("inf")

@@ -11,8 +11,10 @@ from torch import Tensor, nn
 from selfsup.build import load_data
 from selfsup.config import Config
 from selfsup.data.datasets import ImageData
-from selfsup.decomposition import ADAPTERS, decompose, with_balance
+from selfsup.data.subsets import seeded_subset
+from selfsup.decomposition import decompose, with_balance
 from selfsup.engine.accumulate import batch_norm_state, restore_state
+from selfsup.methods import with_gradient_terms
 from selfsup.probes.features import extract
 from selfsup.probes.knn import knn
 from selfsup.step import Views
@@ -65,14 +67,15 @@ class KnnMonitor:
 def _subset(data: ImageData, size: int, seed: int) -> ImageData:
     if size >= len(data):
         return data
-    index: Tensor = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:size]
+    index = seeded_subset(len(data), size, seed)
     return ImageData(data.images[index], data.labels[index], data.classes)
 
 
 class GradientMonitor:
-    """train.gradients_every: the gradient decomposition of the method's loss (seed 002: the
-    positive and negative gradient, their balance and angles) on one fixed batch of training
-    images, its views drawn anew each time from a generator seeded by (train.seed, step).
+    """train.gradients_every: the gradient decomposition of the method's loss (Tao et al. 2022,
+    arXiv 2112.05141: the positive and negative gradient, their balance and angles) on one fixed
+    batch of training images, its views drawn anew each time from a generator seeded by
+    (train.seed, step).
 
     It leaves training exactly as it would be without it: torch's global RNG is restored after
     it, and so are batch norm's running statistics (its forward runs in training mode, as a
@@ -81,8 +84,8 @@ class GradientMonitor:
 
     BATCH = 256  # images of the probe batch, at most optim.batch_size
 
-    def __init__(self, name: str, images: Tensor, views: Any, seed: int, device: Any) -> None:
-        self.name, self.images, self.views = name, images, views
+    def __init__(self, images: Tensor, views: Any, seed: int, device: Any) -> None:
+        self.images, self.views = images, views
         self.seed, self.device = seed, device
 
     @classmethod
@@ -92,15 +95,15 @@ class GradientMonitor:
         if config.train.gradients_every == 0:
             return None
         name = config.method["name"]
-        if name not in ADAPTERS:
+        if name not in with_gradient_terms():
             raise ValueError(
                 f"train.gradients_every: the gradient decomposition of method '{name}' is not "
-                f"supported (supported: {', '.join(ADAPTERS)}); set train.gradients_every=0"
+                f"supported (supported: {', '.join(with_gradient_terms())}); set "
+                f"train.gradients_every=0"
             )
         size = min(cls.BATCH, config.optim.batch_size, len(train))
-        generator = torch.Generator().manual_seed(config.train.seed)
-        index = torch.randperm(len(train), generator=generator)[:size]
-        return cls(name, train.images[index], views, config.train.seed, device)
+        index = seeded_subset(len(train), size, config.train.seed)
+        return cls(train.images[index], views, config.train.seed, device)
 
     def __call__(self, method: nn.Module, step: int) -> dict[str, float]:
         saved = batch_norm_state(method)
@@ -108,6 +111,6 @@ class GradientMonitor:
             torch.manual_seed(self.seed * 1_000_003 + step)
             generator = torch.Generator(self.device).manual_seed(self.seed * 1_000_003 + step)
             large, small = self.views(self.images.to(self.device), generator)
-            scalars = decompose(method, self.name, Views(large, small))
+            scalars = decompose(method, Views(large, small))
         restore_state(saved)
         return with_balance(scalars)

@@ -10,7 +10,8 @@ from typing import Any
 import torch
 
 from selfsup.build import load_data, pick_device
-from selfsup.decomposition import ADAPTERS, decompose, with_balance
+from selfsup.decomposition import decompose, with_balance
+from selfsup.methods import with_gradient_terms
 from selfsup.run import Run
 from selfsup.step import Views
 
@@ -22,18 +23,19 @@ def gradient_decomposition(
 
     Each batch (optim.batch_size images of a permutation seeded by train.seed) gets two views from
     the run's own augmentation; the method runs in training mode (batch-norm statistics of the
-    batch, as in a training step), in float32 on one process; its adapter returns the parts of
-    ∂L/∂u of every loss term (symmetrised losses: both), and `gradient_scalars` of every term are
-    averaged over terms and batches (balance: the ratio of the averaged norms). Asymmetric methods
-    also get the `projection_` scalars: the same parts carried back through the predictor.
+    batch, as in a training step), in float32 on one process; its `gradient_terms` returns the
+    parts of ∂L/∂u of every loss term (symmetrised losses: both), and `gradient_scalars` of every
+    term are averaged over terms and batches (balance: the ratio of the averaged norms).
+    Asymmetric methods also get the `projection_` scalars: the same parts carried back through
+    the predictor.
     Writes <run>/gradients.json and returns what it wrote.
     """
     run = run_dir if isinstance(run_dir, Run) else Run(run_dir)
     name = run.config.method["name"]
-    if name not in ADAPTERS:
+    if name not in with_gradient_terms():
         raise ValueError(
             f"gradient decomposition of method '{name}' is not supported; supported: "
-            f"{', '.join(ADAPTERS)}"
+            f"{', '.join(with_gradient_terms())}"
         )
     if batches < 1:
         raise ValueError(f"--batches must be >= 1, got {batches}")
@@ -50,7 +52,7 @@ def gradient_decomposition(
         for b in range(batches):
             index = order[torch.arange(b * batch_size, (b + 1) * batch_size) % len(data)]
             large, small = run.views(data.images[index].to(device), generator)
-            per_batch.append(decompose(method, name, Views(large, small, index.to(device))))
+            per_batch.append(decompose(method, Views(large, small, index.to(device))))
     scalars = with_balance({key: sum(d[key] for d in per_batch) / batches for key in per_batch[0]})
     result = {"method": name, "batches": batches, "batch_size": batch_size, **scalars}
     (run.path / "gradients.json").write_text(json.dumps(result, indent=1))

@@ -18,6 +18,12 @@ import selfsup.methods.swav  # noqa: F401
 import selfsup.methods.unigrad  # noqa: F401
 import selfsup.methods.vicreg  # noqa: F401
 from selfsup.methods.base import Method
+from selfsup.registry import METHODS
 from selfsup.step import Progress, Views
 
-__all__ = ["Method", "Progress", "Views"]
+__all__ = ["Method", "Progress", "Views", "with_gradient_terms"]
+
+
+def with_gradient_terms() -> list[str]:
+    """The registered methods that have a gradient decomposition (`Method.gradient_terms`)."""
+    return [name for name in METHODS.names() if METHODS.get(name).has_gradient_terms()]

@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from selfsup.dist import gather
+from selfsup.decomposition import Term, barlow_twins_parts, pair_weight, scaled
 from selfsup.heads import mlp
 from selfsup.losses import barlow_twins, cross_correlation
 from selfsup.methods.base import Method
-from selfsup.params import require_positive
+from selfsup.params import AT_LEAST_ONE, check_limits, check_method
 from selfsup.registry import METHODS
 from selfsup.step import Progress, Views
 from selfsup.target import TARGET_SETTINGS, SiameseTarget
@@ -44,11 +44,9 @@ class BarlowTwins(Method):
         layers: int = 3,  # linear layers of the projector ("Implementation details")
         off_diagonal_weight: float = 0.0051,  # λ (eq. 1); code --lambd (the paper's text: 5e-3)
     ) -> None:
-        require_positive(dim=dim, hidden=hidden, layers=layers)
-        if off_diagonal_weight < 0:
-            raise ValueError(
-                f"'method.off_diagonal_weight' must be >= 0, got {off_diagonal_weight!r}"
-            )
+        check_method(dim=dim, hidden=hidden, off_diagonal_weight=off_diagonal_weight)
+        # a projector of at least one layer (SimCLR's layers=0: none at all)
+        check_limits("method", {"layers": layers}, {"layers": AT_LEAST_ONE})
         super().__init__(backbone)
         # Linear-BN-ReLU on the hidden layers, a last Linear; no biases anywhere (the code's).
         self.projector = mlp(backbone.num_features, hidden, dim, layers=layers, last_bias=False)
@@ -63,6 +61,7 @@ class BarlowTwins(Method):
         # (dim, dim) each, over the global batch: C(z1, z2) as published; with a target branch
         # C(z1, t2) and C(t1, z2), the loss their mean ½[L(C(z1, t2)) + L(C(t1, z2))]
         pairs = self.target_branch.pairs((x1, x2), (z1, z2))
+        gather = views.global_batch.gather
         correlations = [cross_correlation(gather(a), gather(b)) for a, b in pairs]
         loss = torch.stack([barlow_twins(c, self.off_diagonal_weight) for c in correlations]).mean()
         with torch.no_grad():
@@ -79,5 +78,24 @@ class BarlowTwins(Method):
             "z_std": z_std,
         }
 
+    def gradient_terms(self, views: Views) -> list[Term]:
+        # on the standardised embeddings; with a target branch each view gets half of its term
+        x1, x2 = views.large[:2]
+        z1, z2 = (self.projector(self.backbone(x)) for x in (x1, x2))
+        s1, s2 = _standardised(z1), _standardised(z2)
+        t1 = _standardised(self.target_branch(x1, z1).detach())
+        t2 = _standardised(self.target_branch(x2, z2).detach())
+        weight, half = self.off_diagonal_weight, pair_weight(self.target_branch)
+        return [
+            ("", scaled(barlow_twins_parts(s1, t2, weight), half), t2),
+            ("", scaled(barlow_twins_parts(s2, t1, weight), half), t1),
+        ]
+
     def after_step(self, progress: Progress, out: dict[str, Tensor]) -> None:
         self.target_branch.update(progress.fraction)
+
+
+def _standardised(z: Tensor, eps: float = 1e-5) -> Tensor:
+    """ẑ as `losses.cross_correlation` standardises each view (biased variance, eps inside), in
+    z's own precision."""
+    return (z - z.mean(dim=0)) / (z.var(dim=0, correction=0) + eps).sqrt()

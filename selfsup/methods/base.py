@@ -13,6 +13,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from selfsup.decomposition import Term
 from selfsup.params import Group
 from selfsup.step import Progress, Views
 
@@ -63,6 +64,24 @@ class Method(nn.Module):
     def after_step(self, progress: Progress, out: dict[str, Tensor]) -> None:
         """State updates after the optimizer step, from what forward returned: EMA, queue push,
         memory-bank write, centre. Runs under no_grad."""
+
+    def gradient_terms(self, views: Views) -> list[Term]:
+        """The loss's gradient with respect to the online embeddings u, split into a positive part
+        (toward the target v⁺) and negative parts (Tao et al. 2022, "Exploring the Equivalence of
+        Siamese Self-Supervised Learning via A Unified Gradient Framework", arXiv 2112.05141).
+
+        One (prefix of the scalars' names, parts, targets v⁺) per loss term, both of a symmetrised
+        loss; u and v⁺ computed as `forward` computes them, v⁺ held constant; the parts of a term
+        sum to ∂L/∂u (the pure part functions of selfsup/decomposition.py). Runs under no_grad and,
+        as `forward`, changes no state of the method's own. Optional: a method without it has no
+        gradient decomposition (`has_gradient_terms`).
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no gradient decomposition")
+
+    @classmethod
+    def has_gradient_terms(cls) -> bool:
+        """Whether the method defines `gradient_terms`; asked of the class, before building it."""
+        return cls.gradient_terms is not Method.gradient_terms
 
     def parameter_groups(self) -> dict[str, Group]:
         """Parameter-name prefix -> how that group is optimised (SimSiam's predictor: fixed lr).

@@ -13,10 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from selfsup.decomposition import Term, predictor_terms
 from selfsup.heads import mlp
 from selfsup.losses import regression
 from selfsup.methods.base import Method
-from selfsup.params import require_positive
+from selfsup.params import check_method
 from selfsup.registry import METHODS
 from selfsup.schedules import cosine_ramp
 from selfsup.step import Progress, Views
@@ -38,7 +39,7 @@ class BYOL(Method):
         momentum: float = 0.996,  # τ_base; τ = 1 − (1 − τ_base)(cos(πk/K) + 1)/2 (§3.2)
         final_momentum: float = 1.0,
     ) -> None:
-        require_positive(dim=dim, hidden=hidden)
+        check_method(dim=dim, hidden=hidden)
         super().__init__(backbone)
         self.projector = mlp(backbone.num_features, hidden, dim)  # Linear-BN-ReLU-Linear
         self.predictor = mlp(dim, hidden, dim)
@@ -57,6 +58,13 @@ class BYOL(Method):
             positive_similarity = F.cosine_similarity(p1, t2, dim=1).mean()
             z_std = F.normalize(z1, dim=1).std(dim=0).mean()  # ≈ 1/sqrt(dim), 0 on collapse
         return {"loss": loss, "pos_sim": positive_similarity, "z_std": z_std}
+
+    def gradient_terms(self, views: Views) -> list[Term]:
+        # at the prediction, and through the predictor at the projection (predictor_terms)
+        x1, x2 = views.large[:2]
+        z1, z2 = (self.projector(self.backbone(x)) for x in (x1, x2))
+        t1, t2 = self.target(x1), self.target(x2)
+        return predictor_terms(self.predictor, [(z1, t2), (z2, t1)], weight=2.0)  # 2 − 2cos
 
     def after_step(self, progress: Progress, out: dict[str, Tensor]) -> None:
         tau = cosine_ramp(self.momentum, self.final_momentum, progress.fraction)

@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from selfsup.dist import gather, gather_nograd
+from selfsup.dist import gather_nograd
 from selfsup.losses import in_batch_info_nce, info_nce_hybrid
 from selfsup.methods.base import Method
 from selfsup.negatives import MemoryBank
-from selfsup.params import require_positive
+from selfsup.params import check_method
 from selfsup.registry import METHODS
 from selfsup.step import Progress, Views
 
@@ -73,7 +73,7 @@ class CMC(Method):
         temperature: float = 0.07,  # τ, --nce_t (README: 0.1 on STL-10)
         bank_momentum: float = 0.5,  # --nce_m, InstDisc's m
     ) -> None:
-        require_positive(
+        check_method(
             num_views=num_views, dim=dim, num_negatives=num_negatives, temperature=temperature
         )
         channels = _in_channels(backbone)
@@ -125,7 +125,7 @@ class CMC(Method):
             loss = self._memory_loss(z, views.index)
             out["index"] = views.index
         else:
-            everyone = [gather(z_v) for z_v in z]  # candidates: the whole batch
+            everyone = [views.global_batch.gather(z_v) for z_v in z]  # candidates: whole batch
             same = torch.arange(len(everyone[0]), device=z[0].device)  # positive: same image
             loss = sum(
                 in_batch_info_nce(everyone[q], everyone[k], same, self.temperature)

@@ -19,10 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from selfsup.backbones import layer_norm_for_batch_norm
-from selfsup.dist import gather, rank
 from selfsup.losses import in_batch_info_nce
 from selfsup.methods.base import Method
-from selfsup.params import require_positive
+from selfsup.params import check_method
 from selfsup.registry import METHODS
 from selfsup.step import Progress, Views
 
@@ -93,11 +92,10 @@ class CPC(Method):
         # past the context's mask; v2 replaces it by layer norm (a ViT has no batch norm)
         layer_norm: bool = True,
     ) -> None:
-        require_positive(
-            patch_size=patch_size, patch_stride=patch_stride, prediction_steps=prediction_steps
-        )
-        if context_hidden is not None:
-            require_positive(context_hidden=context_hidden)
+        check_method(
+            patch_size=patch_size, patch_stride=patch_stride, prediction_steps=prediction_steps,
+            context_hidden=context_hidden,  # None: a quarter of the patch features
+        )  # fmt: skip
         patch_encoder = make_backbone(image_size=patch_size) if make_backbone else backbone
         if layer_norm:
             layer_norm_for_batch_norm(patch_encoder)
@@ -126,8 +124,8 @@ class CPC(Method):
             )
         c = self.context(z)  # c_{i,j} depends on z_{u,v}, u ≤ i only
         candidates = z.permute(0, 2, 3, 1).reshape(n * rows * cols, dim)  # row-major patches
-        first = rank() * len(candidates)  # this process's patches in the gathered batch
-        candidates = gather(candidates)  # negatives: every patch of the global batch (v2 §3)
+        first = views.global_batch.rank * len(candidates)  # our patches in the gathered batch
+        candidates = views.global_batch.gather(candidates)  # negatives: the global batch's (v2 §3)
         index = torch.arange(n * rows * cols, device=z.device).view(n, rows, cols)
         predictions, positives = [], []
         for k, predictor in enumerate(self.predictors[: rows - 2], start=2):  # k < rows only

@@ -21,7 +21,7 @@ from selfsup.dist import gather_nograd
 from selfsup.heads import DINOHead
 from selfsup.losses import dino_distillation
 from selfsup.methods.base import Method
-from selfsup.params import Group, require_positive
+from selfsup.params import Group, check_method
 from selfsup.registry import METHODS
 from selfsup.schedules import cosine_ramp, linear_warmup
 from selfsup.step import Progress, Views
@@ -53,19 +53,14 @@ class DINO(Method):
         center_momentum: float = 0.9,  # m of c ← m·c + (1 − m)·batch mean (eq. 4; code)
         freeze_last_layer_epochs: float = 1,  # last layer not updated (code --freeze_last_layer)
     ) -> None:
-        require_positive(
+        check_method(
             out_dim=out_dim, hidden=hidden, bottleneck=bottleneck, head_layers=head_layers,
             student_temp=student_temp, teacher_temp=teacher_temp,
-            final_teacher_temp=final_teacher_temp,
+            final_teacher_temp=final_teacher_temp, momentum=momentum,
+            final_momentum=final_momentum, center_momentum=center_momentum,
+            teacher_temp_warmup_epochs=teacher_temp_warmup_epochs,
+            freeze_last_layer_epochs=freeze_last_layer_epochs,
         )  # fmt: skip
-        for name, value in (("momentum", momentum), ("final_momentum", final_momentum),
-                            ("center_momentum", center_momentum)):  # fmt: skip
-            if not 0 <= value <= 1:
-                raise ValueError(f"'method.{name}' must be in [0, 1], got {value!r}")
-        for name, value in (("teacher_temp_warmup_epochs", teacher_temp_warmup_epochs),
-                            ("freeze_last_layer_epochs", freeze_last_layer_epochs)):  # fmt: skip
-            if value < 0:
-                raise ValueError(f"'method.{name}' must be >= 0, got {value!r}")
         super().__init__(backbone)
         self.head = DINOHead(
             backbone.num_features, out_dim, hidden=hidden, bottleneck=bottleneck,

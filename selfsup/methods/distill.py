@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from selfsup.methods.base import Method
 from selfsup.methods.supervised import Supervised
-from selfsup.params import require_positive
+from selfsup.params import check_method
 from selfsup.registry import METHODS
 from selfsup.step import Progress, Views
 
@@ -27,7 +27,7 @@ class Distill(Supervised):
     uses_labels = False
 
     def __init__(self, backbone: nn.Module, *, teacher: Method, temperature: float = 1.0) -> None:
-        require_positive(temperature=temperature)
+        check_method(temperature=temperature)
         if not isinstance(teacher, Supervised):
             raise ValueError(
                 f"train.teacher must be a run of a classifier (supervised, finetune or distill), "

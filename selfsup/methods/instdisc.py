@@ -20,7 +20,7 @@ from selfsup.dist import gather_nograd
 from selfsup.losses import nce, non_parametric_softmax
 from selfsup.methods.base import Method
 from selfsup.negatives import MemoryBank
-from selfsup.params import require_positive
+from selfsup.params import check_method
 from selfsup.registry import METHODS
 from selfsup.step import Progress, Views
 
@@ -43,11 +43,10 @@ class InstDisc(Method):
     ) -> None:
         if loss not in ("nce", "softmax"):
             raise ValueError(f"'method.loss' must be 'nce' or 'softmax', got {loss!r}")
-        if not 0 <= bank_momentum < 1:
-            raise ValueError(f"'method.bank_momentum' must be in [0, 1), got {bank_momentum!r}")
-        if proximal < 0:
-            raise ValueError(f"'method.proximal' must be >= 0, got {proximal!r}")
-        require_positive(dim=dim, num_noise=num_noise, temperature=temperature)
+        check_method(
+            bank_momentum=bank_momentum, proximal=proximal, dim=dim, num_noise=num_noise,
+            temperature=temperature,
+        )  # fmt: skip
         super().__init__(backbone)
         self.projector = nn.Linear(backbone.num_features, dim)
         self.bank = MemoryBank(num_samples, dim, bank_momentum)

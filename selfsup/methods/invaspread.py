@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from selfsup.dist import gather
+from selfsup.decomposition import Term, invariant_spreading_parts
 from selfsup.losses import invariant_spreading
 from selfsup.methods.base import Method
-from selfsup.params import require_positive
+from selfsup.params import check_method
 from selfsup.registry import METHODS
 from selfsup.step import Progress, Views
 
@@ -33,7 +33,7 @@ class InvaSpread(Method):
         temperature: float = 0.1,  # τ (the code's --batch-t)
         key_gradient: bool = False,  # True: gradient through both sides of each similarity
     ) -> None:
-        require_positive(dim=dim, temperature=temperature)
+        check_method(dim=dim, temperature=temperature)
         super().__init__(backbone)
         self.projector = nn.Linear(backbone.num_features, dim)
         self.temperature, self.key_gradient = temperature, key_gradient
@@ -42,6 +42,7 @@ class InvaSpread(Method):
         x1, x2 = views.large[:2]
         h1, h2 = self.encode([x1, x2])  # one BN batch over both views, as the code's cat
         z1, z2 = F.normalize(self.projector(torch.cat([h1, h2])), dim=1).chunk(2)
+        gather = views.global_batch.gather  # the rows of every part of the global batch
         anchors = torch.cat([gather(z1), gather(z2)])  # (2N, dim): rows i, i + N one image
         # The official BatchCriterion uses x.t().data: only the anchor side of each similarity
         # carries gradient; the paper's formula has no such detach (key_gradient=True).
@@ -50,3 +51,11 @@ class InvaSpread(Method):
         with torch.no_grad():
             positive_similarity = (z1 * z2).sum(dim=1).mean()
         return {"loss": loss, "pos_sim": positive_similarity}
+
+    def gradient_terms(self, views: Views) -> list[Term]:
+        # The anchor side; with key_gradient the keys also receive gradient, not decomposed.
+        x1, x2 = views.large[:2]
+        anchors = F.normalize(self.projector(torch.cat(self.encode([x1, x2]))), dim=1)
+        partner = torch.arange(len(anchors), device=anchors.device).roll(len(x1))
+        parts = invariant_spreading_parts(anchors, anchors, self.temperature)
+        return [("", parts, anchors[partner])]

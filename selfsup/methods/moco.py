@@ -7,12 +7,13 @@ consistent while its size is decoupled from the batch size. Unlike SimCLR (simcl
 are not the other views of the batch and the key branch gets no gradient. v1 and v2 are one class:
 v2 adds an MLP head (mlp_hidden), blur in the views, τ = 0.2 and a cosine schedule (recipes).
 
-Hybrid dictionary (seed 000 §3.1: "queue combined with a memory bank that stores the features of
-selected key samples, keeping the dictionary large and making it more relevant"): with
-bank_negatives > 0 a memory bank also holds the latest momentum key of every training image, and
-each query gets bank_negatives extra negatives from it: (1 + K + K_b)-way InfoNCE. The seed names
-no selection rule; "selected, relevant" samples are read as the entries most similar to the query
-(bank_selection "hardest"), with InstDisc's uniform draw ("uniform") as the plain alternative.
+Hybrid dictionary (a proposal this project tests, with no paper behind it: combine the queue with a
+memory bank that stores the features of selected key samples, keeping the dictionary large and
+making it more relevant): with bank_negatives > 0 a memory bank also holds the latest momentum
+key of every training image, and each query gets bank_negatives extra negatives from it:
+(1 + K + K_b)-way InfoNCE. The proposal names no selection rule; "selected, relevant" samples are
+read as the entries most similar to the query (bank_selection "hardest"), with InstDisc's uniform
+draw ("uniform") as the plain alternative.
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from selfsup.decomposition import Term, info_nce_parts
 from selfsup.dist import gather_nograd, shuffled
 from selfsup.heads import mlp
 from selfsup.losses import info_nce, info_nce_hybrid
 from selfsup.methods.base import Method
 from selfsup.negatives import MemoryBank, Queue
-from selfsup.params import require_positive
+from selfsup.params import AT_LEAST_ONE, check_limits, check_method
 from selfsup.registry import METHODS
 from selfsup.step import Progress, Views
 from selfsup.target import EMA, TARGET_SETTINGS
@@ -52,15 +54,20 @@ class MoCo(Method):
         shuffle_bn_groups: int = 8,  # BN groups of the key batch: MoCo's 8 GPUs (§3.3); 1: off
         symmetric: bool = False,  # both views as query and key (MoCo's CIFAR demo), 2 keys/sample
         bank_negatives: int = 0,  # K_b per query from the hybrid dictionary's bank; 0: plain MoCo
-        bank_selection: str = "hardest",  # the seed's "selected samples": most similar to q
+        bank_selection: str = "hardest",  # the proposal's "selected samples": most similar to q
         # 0: a bank entry is the image's latest key. Keys already come from the momentum encoder,
         # which replaces the memory bank's per-sample momentum (MoCo §3.2); InstDisc's 0.5 would
-        # average keys of encoders an epoch apart, the staleness the seed wants to reduce.
+        # average keys of encoders an epoch apart, the staleness the proposal wants to reduce.
         bank_momentum: float = 0.0,
         num_samples: int | None = None,  # supplied by the engine: one bank slot per image
     ) -> None:
-        require_positive(dim=dim, queue_size=queue_size, temperature=temperature)
-        _check_bank(bank_negatives, bank_selection, bank_momentum, num_samples)
+        check_method(
+            dim=dim, temperature=temperature, bank_negatives=bank_negatives,
+            bank_momentum=bank_momentum,
+        )  # fmt: skip
+        # the queue is MoCo's dictionary: unlike SimCLR's and SwAV's optional one, never 0
+        check_limits("method", {"queue_size": queue_size}, {"queue_size": AT_LEAST_ONE})
+        _check_bank(bank_negatives, bank_selection, num_samples)
         super().__init__(backbone)
         width = backbone.num_features
         # v2's head is fc-ReLU-fc without BN, as in MoCo v2's code.
@@ -82,7 +89,9 @@ class MoCo(Method):
         for x_query, x_key in pairs:
             q = F.normalize(self.projector(self.backbone(x_query)), dim=1)  # (N, dim)
             with torch.no_grad():  # keys carry no gradient (§3.2)
-                k = shuffled(self.target, x_key, self.shuffle_bn_groups)
+                k = shuffled(
+                    self.target, x_key, self.shuffle_bn_groups, global_batch=views.global_batch
+                )
                 k = F.normalize(k, dim=1)  # (N, dim)
             if self.bank is None:
                 loss = loss + info_nce(q, k, self.queue.keys, self.temperature)  # (N, 1 + K)
@@ -103,6 +112,31 @@ class MoCo(Method):
         if self.bank is not None:  # the bank rows the first pair's keys replace
             out["index"], out["bank_keys"] = views.index, keys[0]
         return out
+
+    def gradient_terms(self, views: Views) -> list[Term]:
+        if self.bank is not None:
+            raise ValueError(
+                "gradient decomposition of moco with the hybrid dictionary (method.bank_negatives "
+                "> 0) is not supported: its bank negatives are drawn per query; decompose a "
+                "queue-only MoCo run"
+            )
+        x1, x2 = views.large[:2]
+        pairs = [(x1, x2), (x2, x1)] if self.symmetric else [(x1, x2)]
+        terms = []
+        for x_query, x_key in pairs:
+            q = F.normalize(self.projector(self.backbone(x_query)), dim=1)  # (N, D)
+            k = shuffled(
+                self.target, x_key, self.shuffle_bn_groups, global_batch=views.global_batch
+            )
+            k = F.normalize(k, dim=1)
+            n, queue = len(q), self.queue.keys.to(q.dtype)
+            # query i's candidates: its own key and the queue, not the other queries' keys
+            exclude = F.pad(~torch.eye(n, dtype=torch.bool, device=q.device), (0, len(queue)))
+            positives = torch.arange(n, device=q.device)
+            candidates = torch.cat([k, queue])
+            parts = info_nce_parts(q, candidates, positives, self.temperature, exclude)
+            terms.append(("", parts, k))
+        return terms
 
     @torch.no_grad()
     def _bank_rows(self, q: Tensor, index: Tensor) -> Tensor:
@@ -125,16 +159,12 @@ class MoCo(Method):
         self.target.update(self.momentum)  # θ_k ← m·θ_k + (1 − m)·θ_q (eq. 2)
 
 
-def _check_bank(negatives: int, selection: str, momentum: float, num_samples: int | None) -> None:
-    if negatives < 0:
-        raise ValueError(f"'method.bank_negatives' must be >= 0 (0: no bank), got {negatives}")
+def _check_bank(negatives: int, selection: str, num_samples: int | None) -> None:
     if selection not in BANK_SELECTIONS:
         raise ValueError(
             f"'method.bank_selection' must be one of {', '.join(BANK_SELECTIONS)}, got "
             f"{selection!r}"
         )
-    if not 0 <= momentum < 1:
-        raise ValueError(f"'method.bank_momentum' must be in [0, 1), got {momentum}")
     if negatives and num_samples is None:
         raise ValueError(
             "'method.bank_negatives' needs a memory bank of one key per training image, but "

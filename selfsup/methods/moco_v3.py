@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from selfsup.dist import gather_nograd, rank
+from selfsup.decomposition import Term, info_nce_parts, scaled
 from selfsup.heads import mlp
 from selfsup.losses import moco_v3_contrast
 from selfsup.methods.base import Method
-from selfsup.params import require_positive
+from selfsup.params import check_method
 from selfsup.registry import METHODS
 from selfsup.schedules import cosine_ramp
 from selfsup.step import Progress, Views
@@ -43,12 +43,10 @@ class MoCoV3(Method):
         final_momentum: float = 1.0,
         temperature: float = 0.2,  # τ for ViT (§5); the code's ResNet-50 recipes use 1.0
     ) -> None:
-        require_positive(
-            dim=dim, hidden=hidden, projector_layers=projector_layers, temperature=temperature
-        )
-        for name, value in (("momentum", momentum), ("final_momentum", final_momentum)):
-            if not 0 <= value <= 1:
-                raise ValueError(f"'method.{name}' must be in [0, 1], got {value!r}")
+        check_method(
+            dim=dim, hidden=hidden, projector_layers=projector_layers, temperature=temperature,
+            momentum=momentum, final_momentum=final_momentum,
+        )  # fmt: skip
         super().__init__(backbone)
         # BN on every layer, the output ones too, without affine parameters there, and no bias
         # before a BN, as in the code's _build_mlp(last_bn=True).
@@ -66,8 +64,8 @@ class MoCoV3(Method):
         # Each view is its own BN batch, as in the paper's code.
         q1, q2 = (self.predictor(self.projector(self.backbone(x))) for x in (x1, x2))  # (N, dim)
         with torch.no_grad():  # keys carry no gradient; the batch's keys of every process
-            k1, k2 = (gather_nograd(self.target(x)) for x in (x1, x2))  # (world·N, dim)
-        offset = rank() * len(x1)  # this process's positives among the gathered keys
+            k1, k2 = (views.global_batch.gather_nograd(self.target(x)) for x in (x1, x2))
+        offset = views.global_batch.rank * len(x1)  # our positives among the (parts·N) keys
         tau = self.temperature  # ctr(q1, k2) + ctr(q2, k1), symmetrised (Algorithm 1)
         loss = moco_v3_contrast(q1, k2, tau, offset) + moco_v3_contrast(q2, k1, tau, offset)
         with torch.no_grad():
@@ -75,6 +73,18 @@ class MoCoV3(Method):
             positive_similarity = F.cosine_similarity(q1, own, dim=1).mean()
             z_std = F.normalize(q1, dim=1).std(dim=0).mean()  # ≈ 1/sqrt(dim), 0 on collapse
         return {"loss": loss, "pos_sim": positive_similarity, "z_std": z_std}
+
+    def gradient_terms(self, views: Views) -> list[Term]:
+        x1, x2 = views.large[:2]
+        q1, q2 = (self.predictor(self.projector(self.backbone(x))) for x in (x1, x2))
+        k1, k2 = self.target(x1), self.target(x2)
+        tau, terms = self.temperature, []
+        # ctr(q1, k2) + ctr(q2, k1), each 2τ times the InfoNCE of unit vectors
+        for q, k in ((q1, k2), (q2, k1)):
+            u, c = F.normalize(q, dim=1), F.normalize(k, dim=1)
+            parts = info_nce_parts(u, c, torch.arange(len(u), device=u.device), tau)
+            terms.append(("", scaled(parts, 2 * tau), c))
+        return terms
 
     def after_step(self, progress: Progress, out: dict[str, Tensor]) -> None:
         # m from m_0 to 1 on a half cosine over training (code: adjust_moco_momentum)

@@ -20,12 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from selfsup.dist import gather, gather_nograd
+from selfsup.decomposition import Term, info_nce_parts
+from selfsup.dist import gather_nograd
 from selfsup.heads import mlp
 from selfsup.losses import nt_xent
 from selfsup.methods.base import Method
 from selfsup.negatives import Queue
-from selfsup.params import require_positive
+from selfsup.params import check_method
 from selfsup.registry import METHODS
 from selfsup.step import Progress, Views
 from selfsup.target import EMA, TARGET_SETTINGS, SiameseTarget
@@ -51,11 +52,10 @@ class SimCLR(Method):
         queue_size: int = 0,  # K; 0: no memory (v1); v2: 65536 ("memory buffer 64K", v2 §4)
         momentum: float = 0.999,  # the memory network's EMA decay, v2 §4 "according to MoCo"
     ) -> None:
-        require_positive(dim=dim, hidden=hidden, temperature=temperature)
-        if queue_size < 0:
-            raise ValueError(f"'method.queue_size' must be >= 0 (0: no memory), got {queue_size}")
-        if not 0 <= momentum <= 1:
-            raise ValueError(f"'method.momentum' must be in [0, 1], got {momentum!r}")
+        check_method(
+            dim=dim, hidden=hidden, temperature=temperature, queue_size=queue_size,
+            momentum=momentum,
+        )  # fmt: skip
         super().__init__(backbone)
         if layers == 0:
             dim = backbone.num_features  # the loss sees h
@@ -74,6 +74,7 @@ class SimCLR(Method):
         h1, h2 = self.encode([x1, x2])
         z = self.projector(torch.cat([h1, h2]))  # one BN batch over both views
         z1, z2 = z.chunk(2)
+        gather = views.global_batch.gather  # the rows of every part of the global batch
         targets = None  # the other side of each similarity: z itself, as published
         if not self.target_branch.is_online:  # or t: z detached, or a momentum network's
             t1, t2 = self.target_branch(torch.cat([x1, x2]), z).chunk(2)
@@ -87,6 +88,25 @@ class SimCLR(Method):
         with torch.no_grad():
             positive_similarity = F.cosine_similarity(z1, z2, dim=1).mean()
         return {"loss": loss, "pos_sim": positive_similarity, **out}
+
+    def gradient_terms(self, views: Views) -> list[Term]:
+        # The anchor side of NT-Xent; SimCLR also sends gradient through the candidates, which the
+        # paper's analysis (and this one) stops.
+        x1, x2 = views.large[:2]
+        n = len(x1)
+        raw = self.projector(torch.cat(self.encode([x1, x2])))
+        z = F.normalize(raw, dim=1)  # (2N, D)
+        # an anchor is not its own candidate
+        exclude = torch.eye(2 * n, dtype=torch.bool, device=z.device)
+        # train.target=momentum: the candidates are the momentum network's embeddings of both views
+        candidates = F.normalize(self.target_branch(torch.cat([x1, x2]), raw).detach(), dim=1)
+        if self.queue is not None:  # v2's memory: K more negatives for every anchor
+            keys = F.normalize(self.queue.keys, dim=1).to(z.dtype)
+            candidates = torch.cat([candidates, keys])
+            exclude = F.pad(exclude, (0, len(keys)), value=False)
+        positives = torch.arange(2 * n, device=z.device).roll(n)
+        parts = info_nce_parts(z, candidates, positives, self.temperature, exclude)
+        return [("", parts, candidates[positives])]
 
     def after_step(self, progress: Progress, out: dict[str, Tensor]) -> None:
         self.target_branch.update(progress.fraction)

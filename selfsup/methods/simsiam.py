@@ -13,10 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from selfsup.decomposition import Term, predictor_terms
 from selfsup.heads import mlp
 from selfsup.losses import negative_cosine
 from selfsup.methods.base import Method
-from selfsup.params import Group, require_positive
+from selfsup.params import Group, check_method
 from selfsup.registry import METHODS
 from selfsup.step import Progress, Views
 from selfsup.target import TARGET_SETTINGS, SiameseTarget
@@ -38,7 +39,7 @@ class SimSiam(Method):
         predictor_hidden: int = 512,  # the predictor's bottleneck (§3, "Prediction MLP")
         fixed_predictor_lr: bool = True,  # predictor at the base lr, no lr decay (§4.4, Table 1)
     ) -> None:
-        require_positive(dim=dim, hidden=hidden, predictor_hidden=predictor_hidden)
+        check_method(dim=dim, hidden=hidden, predictor_hidden=predictor_hidden)
         super().__init__(backbone)
         # BN on every layer including the output fc (no ReLU there); the last BN has no affine
         # parameters, and no bias precedes a BN, as in the paper's code.
@@ -62,6 +63,13 @@ class SimSiam(Method):
             positive_similarity = F.cosine_similarity(p1, t2, dim=1).mean()
             z_std = F.normalize(z1, dim=1).std(dim=0).mean()  # ≈ 1/sqrt(dim); 0: collapse (Fig. 2)
         return {"loss": loss, "pos_sim": positive_similarity, "z_std": z_std}
+
+    def gradient_terms(self, views: Views) -> list[Term]:
+        # at the prediction, and through the predictor at the projection (predictor_terms)
+        x1, x2 = views.large[:2]
+        z1, z2 = (self.projector(self.backbone(x)) for x in (x1, x2))
+        t1, t2 = self.target_branch(x1, z1).detach(), self.target_branch(x2, z2).detach()
+        return predictor_terms(self.predictor, [(z1, t2), (z2, t1)], weight=0.5)  # ½·(−cos)
 
     def after_step(self, progress: Progress, out: dict[str, Tensor]) -> None:
         self.target_branch.update(progress.fraction)

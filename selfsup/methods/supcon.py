@@ -11,11 +11,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from selfsup.dist import gather, gather_nograd
 from selfsup.heads import mlp
 from selfsup.losses import supervised_contrastive
 from selfsup.methods.base import Method
-from selfsup.params import require_positive
+from selfsup.params import check_method
 from selfsup.registry import METHODS
 from selfsup.step import Progress, Views
 
@@ -34,14 +33,15 @@ class SupCon(Method):
         hidden: int = 2048,  # one hidden layer, no batch norm (official resnet_big.py "mlp" head)
         temperature: float = 0.1,  # the paper's and the README's runs (the code's default: 0.07)
     ) -> None:
-        require_positive(dim=dim, hidden=hidden, temperature=temperature)
+        check_method(dim=dim, hidden=hidden, temperature=temperature)
         super().__init__(backbone)
         self.projector = mlp(backbone.num_features, hidden, dim, norm=None)  # Linear-ReLU-Linear
         self.temperature = temperature
 
     def forward(self, views: Views, progress: Progress) -> dict[str, Tensor]:
         x1, x2 = views.large[:2]
-        z1, z2 = (gather(z) for z in self.projector(torch.cat(self.encode([x1, x2]))).chunk(2))
-        labels = gather_nograd(views.labels)
+        z = self.projector(torch.cat(self.encode([x1, x2])))
+        z1, z2 = (views.global_batch.gather(z_v) for z_v in z.chunk(2))
+        labels = views.global_batch.gather_nograd(views.labels)
         loss = supervised_contrastive(torch.cat([z1, z2]), labels.repeat(2), self.temperature)
         return {"loss": loss}

@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from selfsup.dist import gather_nograd, rank, world_size
+from selfsup.dist import GlobalBatch, gather_nograd
 from selfsup.heads import mlp
 from selfsup.losses import swapped_prediction
 from selfsup.methods.base import Method
 from selfsup.negatives import Queue
-from selfsup.params import Group, require_positive
+from selfsup.params import Group, check_method
 from selfsup.prototypes import Prototypes, sinkhorn
 from selfsup.registry import METHODS
 from selfsup.step import Progress, Views
@@ -50,14 +50,11 @@ class SwAV(Method):
         queue_start_epoch: float = 15,  # the queue fills from here (code --epoch_queue_starts)
         freeze_prototypes_epochs: float = 1,  # code: 313 iterations = 1 epoch at batch 4096
     ) -> None:
-        require_positive(
+        check_method(
             dim=dim, hidden=hidden, num_prototypes=num_prototypes, temperature=temperature,
-            epsilon=epsilon, sinkhorn_iterations=sinkhorn_iterations,
+            epsilon=epsilon, sinkhorn_iterations=sinkhorn_iterations, queue_size=queue_size,
+            queue_start_epoch=queue_start_epoch, freeze_prototypes_epochs=freeze_prototypes_epochs,
         )  # fmt: skip
-        for name, value in (("queue_size", queue_size), ("queue_start_epoch", queue_start_epoch),
-                            ("freeze_prototypes_epochs", freeze_prototypes_epochs)):  # fmt: skip
-            if value < 0:
-                raise ValueError(f"'method.{name}' must be >= 0, got {value!r}")
         super().__init__(backbone)
         self.projector = mlp(backbone.num_features, hidden, dim)  # Linear-BN-ReLU-Linear (code)
         self.prototypes = Prototypes(dim, num_prototypes)  # unit rows from the start (code)
@@ -77,16 +74,20 @@ class SwAV(Method):
         return self.queues is not None and bool(self.queued >= self.queue_size)
 
     @torch.no_grad()
-    def assign(self, scores: Tensor, crop: int, use_queue: bool) -> Tensor:
-        """The codes (N, K) of one large crop's batch from its scores (N, K), no gradient."""
+    def assign(
+        self, scores: Tensor, crop: int, use_queue: bool, global_batch: GlobalBatch
+    ) -> Tensor:
+        """The codes (N, K) of one large crop's batch from its scores (N, K), no gradient; the
+        batch is one of the parts of `global_batch`, which Sinkhorn assigns together."""
         scores = scores.detach()
         n = len(scores)
         if use_queue:
-            # Each process holds the whole queue and adds its own share of the rows, so Sinkhorn's
+            # Each part holds the whole queue and adds its own share of the rows, so Sinkhorn's
             # all-reduced sums count every queued projection once.
-            queued = self.queues[crop].keys.tensor_split(world_size())[rank()]
+            queued = self.queues[crop].keys.tensor_split(global_batch.parts)[global_batch.rank]
             scores = torch.cat([self.prototypes(queued).to(scores.dtype), scores])
-        return sinkhorn(scores, self.epsilon, self.sinkhorn_iterations)[-n:]  # the batch's rows
+        codes = sinkhorn(scores, self.epsilon, self.sinkhorn_iterations, global_batch)
+        return codes[-n:]  # the batch's rows
 
     def forward(self, views: Views, progress: Progress) -> dict[str, Tensor]:
         if self.queues is not None and len(views.large) != QUEUED_CROPS:
@@ -100,7 +101,10 @@ class SwAV(Method):
         z = F.normalize(self.projector(torch.cat(self.encode(crops))), dim=1)  # (V·N, dim)
         scores = self.prototypes(z).chunk(len(crops))  # V × (N, K): z_v·c_k
         use_queue = self.queue_in_use()
-        codes = [self.assign(scores[i], i, use_queue) for i in range(len(views.large))]  # G×(N, K)
+        codes = [  # G × (N, K)
+            self.assign(scores[i], i, use_queue, views.global_batch)
+            for i in range(len(views.large))
+        ]
         loss = swapped_prediction(list(scores), codes, self.temperature)
         n = len(views.large[0])
         out = {}

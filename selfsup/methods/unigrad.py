@@ -1,5 +1,5 @@
 """UniGrad: the unified gradient of Siamese self-supervised learning (Tao et al. 2022, arXiv
-2112.05141, seed 002).
+2112.05141, CVPR 2022).
 
 Contrastive, asymmetric and decorrelation methods all push an online embedding u with a gradient
 −u⁺ + λ·(a weighted sum of other samples); UniGrad takes the simplest such gradient,
@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from selfsup.dist import gather_nograd
+from selfsup.decomposition import Term, scaled, unigrad_parts
 from selfsup.heads import mlp
 from selfsup.losses import unigrad
 from selfsup.methods.base import Method
-from selfsup.params import require_positive
+from selfsup.params import check_method
 from selfsup.registry import METHODS
 from selfsup.schedules import cosine_ramp
 from selfsup.step import Progress, Views
@@ -44,11 +44,9 @@ class UniGrad(Method):
         momentum: float = 0.996,  # momentum network, 0.996 → 1 on a cosine (configs: base_momentum)
         final_momentum: float = 1.0,
     ) -> None:
-        require_positive(dim=dim, hidden=hidden, balance=balance)
-        if not 0 <= correlation_momentum < 1:
-            raise ValueError(
-                f"'method.correlation_momentum' must be in [0, 1), got {correlation_momentum!r}"
-            )
+        check_method(
+            dim=dim, hidden=hidden, balance=balance, correlation_momentum=correlation_momentum
+        )
         super().__init__(backbone)
         self.projector = mlp(backbone.num_features, hidden, dim, layers=projector_layers)
         self.target = EMA(self.backbone, self.projector)
@@ -63,7 +61,8 @@ class UniGrad(Method):
         u1, u2 = (F.normalize(self.projector(self.backbone(x)), dim=1) for x in (x1, x2))
         with torch.no_grad():
             t1, t2 = (F.normalize(self.target(x), dim=1) for x in (x1, x2))
-            targets = gather_nograd(torch.cat([t1, t2]))  # both views of the global batch
+            # both views of the global batch
+            targets = views.global_batch.gather_nograd(torch.cat([t1, t2]))
             batch = targets.T @ targets / targets.shape[0]  # (dim, dim), mean of v vᵀ
             rho = self.correlation_momentum if bool(self.correlation_started) else 0.0
             correlation = rho * self.correlation + (1 - rho) * batch  # F with this batch in it
@@ -74,6 +73,21 @@ class UniGrad(Method):
             positive_similarity = 0.5 * ((u1 * t2).sum(dim=1) + (u2 * t1).sum(dim=1)).mean()
         # (1, dim, dim): one row per process, as every tensor a forward returns (Method.forward)
         return {"loss": loss, "pos_sim": positive_similarity, "correlation": correlation[None]}
+
+    def gradient_terms(self, views: Views) -> list[Term]:
+        # its own split, −u⁺ + λ·F·u; F of this process's batch (forward gathers every process's)
+        x1, x2 = views.large[:2]
+        u1, u2 = (F.normalize(self.projector(self.backbone(x)), dim=1) for x in (x1, x2))
+        t1, t2 = (F.normalize(self.target(x), dim=1) for x in (x1, x2))
+        targets = torch.cat([t1, t2])
+        batch = targets.T @ targets / targets.shape[0]
+        rho = self.correlation_momentum if bool(self.correlation_started) else 0.0
+        correlation = rho * self.correlation + (1 - rho) * batch  # F as the step that saw it
+        # the loss is ½ (unigrad(u1, t2) + unigrad(u2, t1))
+        return [
+            ("", scaled(unigrad_parts(u, t, correlation, self.balance), 0.5), t)
+            for u, t in ((u1, t2), (u2, t1))
+        ]
 
     def after_step(self, progress: Progress, out: dict[str, Tensor]) -> None:
         self.correlation.copy_(out["correlation"][-1])  # the same F on every process

@@ -19,11 +19,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from selfsup.dist import gather
+from selfsup.decomposition import Term, pair_weight, scaled, vicreg_parts
 from selfsup.heads import mlp
 from selfsup.losses import vicreg_terms
 from selfsup.methods.base import Method
-from selfsup.params import require_positive
+from selfsup.params import AT_LEAST_ONE, check_limits, check_method
 from selfsup.registry import METHODS
 from selfsup.step import Progress, Views
 from selfsup.target import TARGET_SETTINGS, SiameseTarget
@@ -48,16 +48,13 @@ class VICReg(Method):
         std_target: float = 1.0,  # γ, the hinge's target standard deviation (eq. 1)
         eps: float = 1e-4,  # ε in S(x, ε) = sqrt(Var(x) + ε) (eq. 2; code 0.0001)
     ) -> None:
-        require_positive(dim=dim, hidden=hidden, layers=layers, eps=eps)
-        weights = {
-            "invariance_weight": invariance_weight,
-            "variance_weight": variance_weight,
-            "covariance_weight": covariance_weight,
-            "std_target": std_target,
-        }
-        for name, value in weights.items():
-            if value < 0:
-                raise ValueError(f"'method.{name}' must be >= 0, got {value!r}")
+        check_method(
+            dim=dim, hidden=hidden, eps=eps, invariance_weight=invariance_weight,
+            variance_weight=variance_weight, covariance_weight=covariance_weight,
+            std_target=std_target,
+        )  # fmt: skip
+        # an expander of at least one layer (SimCLR's layers=0: no head at all)
+        check_limits("method", {"layers": layers}, {"layers": AT_LEAST_ONE})
         super().__init__(backbone)
         # Linear-BN-ReLU on the hidden layers, then a Linear: the code's Projector, whose hidden
         # Linears keep their bias before the BN and whose last one has none.
@@ -77,6 +74,7 @@ class VICReg(Method):
         z1, z2 = (self.projector(self.backbone(x)) for x in (x1, x2))  # (N, dim)
         # (world·N, dim) each: the statistics of the global batch. The pair (z1, z2) as published;
         # with a target branch the terms are averaged over (z1, t2) and (t1, z2).
+        gather = views.global_batch.gather
         pairs = [(gather(a), gather(b)) for a, b in self.target_branch.pairs((x1, x2), (z1, z2))]
         terms = zip(*(vicreg_terms(a, b, self.std_target, self.eps) for a, b in pairs), strict=True)
         invariance, variance, covariance = (torch.stack(term).mean() for term in terms)
@@ -94,6 +92,19 @@ class VICReg(Method):
             "covariance": covariance.detach(),
             "z_std": z_std,
         }
+
+    def gradient_terms(self, views: Views) -> list[Term]:
+        # split by term of eq. 6; with a target branch each view gets half of its pair's term
+        x1, x2 = views.large[:2]
+        z1, z2 = (self.projector(self.backbone(x)) for x in (x1, x2))
+        weights = (self.invariance_weight, self.variance_weight, self.covariance_weight)
+        settings = (self.std_target, self.eps)
+        t1, t2 = self.target_branch(x1, z1).detach(), self.target_branch(x2, z2).detach()
+        half = pair_weight(self.target_branch)
+        return [
+            ("", scaled(vicreg_parts(z1, t2, *weights, *settings), half), t2),
+            ("", scaled(vicreg_parts(z2, t1, *weights, *settings), half), t1),
+        ]
 
     def after_step(self, progress: Progress, out: dict[str, Tensor]) -> None:
         self.target_branch.update(progress.fraction)

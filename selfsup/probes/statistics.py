@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from selfsup.data.subsets import seeded_subset
+
 
 def normalized_std(features: Tensor) -> float:
     """Mean over dimensions of the std over samples of the L2-normalised features (N, D), times
@@ -94,8 +96,7 @@ def _subsample(x: Tensor, max_samples: int, seed: int) -> Tensor:
     """At most max_samples rows, chosen by a generator of its own: the same rows for equal sets."""
     if len(x) <= max_samples:
         return x
-    generator = torch.Generator().manual_seed(seed)
-    return x[torch.randperm(len(x), generator=generator)[:max_samples].to(x.device)]
+    return x[seeded_subset(len(x), max_samples, seed).to(x.device)]
 
 
 def mmd(

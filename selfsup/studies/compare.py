@@ -16,8 +16,8 @@ several sittings.
 from __future__ import annotations
 
 import json
+import logging
 import statistics
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,9 @@ from selfsup.engine.log import format_duration
 from selfsup.eval.protocols import pixel_baselines
 from selfsup.files import make_folder
 from selfsup.plot import plot_series
-from selfsup.studies.runs import ACCURACIES, collapse_event, probed, slug, trained
+from selfsup.studies.runs import ACCURACIES, collapsed_row, probed, slug, trained
+
+logger = logging.getLogger(__name__)
 
 # What must be equal in every compared recipe: the comparison is of methods, not of data or
 # encoders. Views may differ (they are part of a method's recipe) and so may the optimiser.
@@ -55,7 +57,7 @@ def compare(
     jobs = [(recipe, seed) for recipe in configs for seed in seeds]
     runs = []
     for number, (recipe, seed) in enumerate(jobs, 1):
-        print(f"[{number}/{len(jobs)}] {recipe} seed {seed}", file=sys.stderr)
+        logger.info(f"[{number}/{len(jobs)}] {recipe} seed {seed}")
         runs.append(_run(configs[recipe], recipe, seed, minutes, out))
     first = next(iter(configs.values()))
     pixels = _pixels(first, out)
@@ -93,15 +95,10 @@ def _run(config: Config, recipe: str, seed: int, minutes: float, out: Path) -> d
     name = f"{slug(recipe)}-seed{seed}"
     wanted = config.replace([f"train.seed={seed}", f"train.budget_minutes={minutes}"])
     run = trained(wanted, out / name, minutes)
-    collapse = collapse_event(run)
-    if collapse is not None:
-        print(f"  collapsed: {collapse['message']}", file=sys.stderr)
-        return {
-            "recipe": recipe, "seed": seed, "run": str(run.path),
-            "epochs": run.config.train.epochs, "train_seconds": collapse["seconds"],
-            "img_per_s": float("nan"), "knn_curve": [], "collapsed_at_step": collapse["step"],
-            **{key: float("nan") for key in ACCURACIES},
-        }  # fmt: skip
+    collapsed = collapsed_row(run, (*ACCURACIES, "img_per_s"))
+    if collapsed is not None:
+        epochs = run.config.train.epochs
+        return {"recipe": recipe, "seed": seed, "epochs": epochs, "knn_curve": [], **collapsed}
     results = probed(run)
     metrics = run.metrics
     timed = [r for r in metrics if "seconds" in r]
@@ -128,7 +125,7 @@ def _pixels(config: Config, out: Path) -> dict[str, float]:
         stored = json.loads(path.read_text())
         if stored.get("data") == key:
             return stored["results"]
-    print("raw-pixel baselines", file=sys.stderr)
+    logger.info("raw-pixel baselines")
     results = pixel_baselines(config)
     path.write_text(json.dumps({"data": key, "results": results}, indent=1))
     return results

@@ -1,5 +1,5 @@
-"""`selfsup momentum`: the momentum-encoder experiment of seed 002 (Tao et al. 2022, "Exploring
-the Equivalence of Siamese Self-Supervised Learning via A Unified Gradient Framework", arXiv
+"""`selfsup momentum`: the momentum-encoder experiment of Tao et al. 2022 ("Exploring the
+Equivalence of Siamese Self-Supervised Learning via A Unified Gradient Framework", arXiv
 2112.05141, Table 2).
 
 The paper's claim: the families differ little once their gradients are written as −v⁺ + λ·(negative
@@ -24,26 +24,27 @@ interrupted one resumed.
 from __future__ import annotations
 
 import json
+import logging
 import math
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from selfsup.config import Config, load_config, target_settings
-from selfsup.decomposition import ADAPTERS
 from selfsup.eval.gradients import gradient_decomposition
 from selfsup.files import make_folder
-from selfsup.registry import METHODS
+from selfsup.methods import with_gradient_terms
 from selfsup.studies.runs import (
     ACCURACIES,
-    collapse_event,
+    collapsed_row,
     describe_length,
     length_overrides,
     probed,
     slug,
     trained,
 )
+
+logger = logging.getLogger(__name__)
 
 ARMS = ("stop_gradient", "momentum")
 GRADIENT_KEYS = ("balance", "cos_total_target")  # per arm in the table; all of them in the JSON
@@ -73,7 +74,7 @@ def momentum_experiment(
     for number, (recipe, config) in enumerate(configs.items(), 1):
         row: dict[str, Any] = {"recipe": recipe, "method": config.method["name"]}
         for arm in ARMS:
-            print(f"[{number}/{len(configs)}] {recipe}: train.target={arm}", file=sys.stderr)
+            logger.info(f"[{number}/{len(configs)}] {recipe}: train.target={arm}")
             wanted = config.replace([f"train.target={arm}", f"train.seed={seed}", *lengths])
             run = trained(wanted, out / f"{slug(recipe)}-{arm}-seed{seed}", minutes)
             row[arm] = _measured(run, batches, device)
@@ -96,9 +97,8 @@ def _checked(recipe: str, overrides: Sequence[str]) -> Config:
     if any(item.split("=", 1)[0].strip() == "train.target" for item in overrides):
         raise ValueError("the experiment sets train.target itself; remove it from --set")
     name = config.method["name"]
-    if not set(ARMS) <= set(target_settings(name)) or name not in ADAPTERS:
-        both = [m for m in METHODS.names() if set(ARMS) <= set(target_settings(m))]
-        usable = [m for m in both if m in ADAPTERS]
+    if not set(ARMS) <= set(target_settings(name)) or name not in with_gradient_terms():
+        usable = [m for m in with_gradient_terms() if set(ARMS) <= set(target_settings(m))]
         raise ValueError(
             f"recipe {recipe} trains method '{name}', which has no stop-gradient/momentum "
             f"switch with a gradient decomposition; methods that have both: {', '.join(usable)}"
@@ -109,11 +109,9 @@ def _checked(recipe: str, overrides: Sequence[str]) -> Config:
 def _measured(run: Any, batches: int, device: str) -> dict[str, Any]:
     """kNN and linear top-1 and the gradient scalars of a run, read back where measured."""
     row: dict[str, Any] = {"run": str(run.path), "epochs": run.config.train.epochs}
-    collapse = collapse_event(run)
-    if collapse is not None:
-        print(f"  collapsed: {collapse['message']}", file=sys.stderr)
-        nan = dict.fromkeys((*ACCURACIES, *GRADIENT_KEYS), math.nan)
-        return {**row, "collapsed_at_step": collapse["step"], **nan}
+    collapsed = collapsed_row(run, (*ACCURACIES, *GRADIENT_KEYS))
+    if collapsed is not None:
+        return {**row, **collapsed}
     results = probed(run, device)
     path = run.path / "gradients.json"
     gradients = json.loads(path.read_text()) if path.is_file() else {}

@@ -4,7 +4,9 @@ when trained with other settings; its kNN and linear results are read where stor
 
 from __future__ import annotations
 
-import sys
+import logging
+import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +16,12 @@ from selfsup.engine.train import train
 from selfsup.eval.protocols import evaluate, stored_results
 from selfsup.run import Run
 
+logger = logging.getLogger(__name__)
+
 ACCURACIES = ("knn_top1", "linear_top1")
 # The sections of a reused run that must match the recipe as it resolves now.
 FIXED = ("method", "backbone", "data", "views", "optim")
-# ... and the train.* keys that change what is trained (the target branch: seed 002's experiment)
+# ... and the train.* keys that change what is trained (the target branch: arXiv 2112.05141 Table 2)
 FIXED_TRAIN = ("target", "target_momentum")
 
 
@@ -39,8 +43,8 @@ def trained(wanted: Config, path: Path, minutes: float | None) -> Run:
         if (path / "config.yaml").is_file():
             run = Run(path)
             check_reusable(run, wanted, minutes)
-            if not finished(run) and not collapse_event(run):
-                print(f"  resuming {path}", file=sys.stderr)
+            if not finished(run) and not run.collapse_event():
+                logger.info(f"  resuming {path}")
                 run = train(resume=path)
             return run
         return train(wanted.replace([f"train.out_dir={path.parent}", f"train.name={path.name}"]))
@@ -94,6 +98,16 @@ def finished(run: Run) -> bool:
     return any(r.get("event") == "end" for r in run.metrics)
 
 
-def collapse_event(run: Run) -> dict[str, Any] | None:
-    """The "collapse" record of a run the collapse guard stopped, else None."""
-    return next((r for r in run.metrics if r.get("event") == "collapse"), None)
+def collapsed_row(run: Run, keys: Sequence[str]) -> dict[str, Any] | None:
+    """A study's row for a run the collapse guard stopped (its `keys` NaN, the step it stopped
+    at, the time it trained), with a warning; None for a healthy run."""
+    collapse = run.collapse_event()
+    if collapse is None:
+        return None
+    logger.warning(f"  collapsed: {collapse['message']}")
+    return {
+        "run": str(run.path),
+        "collapsed_at_step": collapse["step"],
+        "train_seconds": collapse.get("seconds", math.nan),
+        **dict.fromkeys(keys, math.nan),
+    }

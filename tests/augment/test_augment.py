@@ -36,6 +36,16 @@ def changed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a - b).flatten(1).abs().amax(1) > 1e-5
 
 
+def saturate(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """The views' saturation: a colour matrix that scales chroma by factor (N,), no hue turn."""
+    return ops.apply_color_matrix(x, ops.color_matrix(factor, torch.zeros_like(factor)))
+
+
+def rotate_hue(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
+    """The views' hue jitter: a colour matrix that turns the hue by turns (N,), saturation 1."""
+    return ops.apply_color_matrix(x, ops.color_matrix(torch.ones_like(turns), turns))
+
+
 # ---- views: shapes, range, determinism -------------------------------------------------------
 
 
@@ -204,9 +214,9 @@ def test_grayscale_gives_equal_channels_with_itu_601_weights():
     torch.testing.assert_close(y, expected.expand_as(x), atol=1e-6, rtol=0)
 
 
-def test_brightness_scales_the_mean():
+def test_brightness_rides_in_the_crop_gain_and_scales_the_mean():
     x, factor = images() * 0.5, torch.linspace(0.2, 1.8, 64)
-    y = ops.adjust_brightness(x, factor)
+    y = ops.resized_crop(x, torch.tensor([[0, 0, 32, 32]]).expand(64, 4), 32, gain=factor)
     torch.testing.assert_close(y.mean((1, 2, 3)), x.mean((1, 2, 3)) * factor)
 
 
@@ -225,30 +235,28 @@ def test_contrast_keeps_the_mean_luma_and_zero_gives_flat_grey(channels):
 def test_saturation_zero_is_grayscale_and_one_is_identity():
     x = images()
     zero, one = torch.zeros(64), torch.ones(64)
-    torch.testing.assert_close(ops.adjust_saturation(x, zero), ops.grayscale(x), atol=1e-5, rtol=0)
-    torch.testing.assert_close(ops.adjust_saturation(x, one), x, atol=1e-5, rtol=0)
+    torch.testing.assert_close(saturate(x, zero), ops.grayscale(x), atol=1e-5, rtol=0)
+    torch.testing.assert_close(saturate(x, one), x, atol=1e-5, rtol=0)
 
 
 def test_hue_rotation_by_zero_or_a_full_turn_is_identity_and_keeps_luma():
     x = 0.3 + 0.4 * images()  # rotations of these colours stay in gamut
     for turns in (0.0, 1.0):
-        torch.testing.assert_close(
-            ops.adjust_hue(x, torch.full((64,), turns)), x, atol=1e-5, rtol=0
-        )
-    half = ops.adjust_hue(x, torch.full((64,), 0.5))
+        torch.testing.assert_close(rotate_hue(x, torch.full((64,), turns)), x, atol=1e-5, rtol=0)
+    half = rotate_hue(x, torch.full((64,), 0.5))
     luma = (x * LUMA.view(1, 3, 1, 1)).sum(1)
     torch.testing.assert_close((half * LUMA.view(1, 3, 1, 1)).sum(1), luma, atol=1e-5, rtol=0)
     assert changed(half, x).all()
     red = torch.tensor([0.7, 0.3, 0.3]).view(1, 3, 1, 1)  # half a turn makes red cyan-ish
-    cyan = ops.adjust_hue(red, torch.tensor([0.5])).flatten()
+    cyan = rotate_hue(red, torch.tensor([0.5])).flatten()
     assert cyan[0] < 0.5 and cyan[1] > 0.4 and cyan[2] > 0.4
 
 
 def test_saturation_and_hue_are_no_ops_on_grey_images():
     x, factor = images(channels=1), torch.full((64,), 0.3)
-    assert torch.equal(ops.adjust_saturation(x, factor), x)
-    assert torch.equal(ops.adjust_hue(x, factor), x)
-    assert torch.equal(ops.random_grayscale(x, 1.0, gen()), x)
+    assert torch.equal(saturate(x, factor), x)
+    assert torch.equal(rotate_hue(x, factor), x)
+    assert torch.equal(ops.grayscale(x, torch.ones(64, dtype=torch.bool)), x)
 
 
 # ---- blur, solarize, normalize -----------------------------------------------------------------
@@ -301,20 +309,24 @@ def test_normalize_gives_zero_mean_unit_std_per_channel():
 
 # ---- per-sample probabilities ------------------------------------------------------------------
 
+# a view that keeps the whole image (full-size crop, no flip) and runs only the op under test
+IDENTITY_VIEW = ViewSpec(
+    size=16, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, grayscale_p=0.0
+)
 RANDOM_OPS = {
-    "jitter": lambda x, p, g: ops.color_jitter(x, (0.4, 0.4, 0.4, 0.1), p, g),
-    "grayscale": lambda x, p, g: ops.random_grayscale(x, p, g),
-    "blur": lambda x, p, g: ops.random_gaussian_blur(x, p, g, sigma=(0.5, 2.0)),
-    "solarize": lambda x, p, g: ops.random_solarize(x, p, g),
+    "jitter": lambda p: replace(IDENTITY_VIEW, jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=p),
+    "grayscale": lambda p: replace(IDENTITY_VIEW, grayscale_p=p),
+    "blur": lambda p: replace(IDENTITY_VIEW, blur_p=p, blur_sigma=(0.5, 2.0)),
+    "solarize": lambda p: replace(IDENTITY_VIEW, solarize_p=p),
 }
 
 
 @pytest.mark.parametrize("name", list(RANDOM_OPS))
 def test_probability_decides_which_samples_change(name):
     x = images(400, size=16)
-    assert not changed(RANDOM_OPS[name](x, 0.0, gen()), x).any()
-    assert changed(RANDOM_OPS[name](x, 1.0, gen()), x).all()
-    fraction = changed(RANDOM_OPS[name](x, 0.5, gen()), x).float().mean().item()
+    assert not changed(RANDOM_OPS[name](0.0)(x, gen()), x).any()
+    assert changed(RANDOM_OPS[name](1.0)(x, gen()), x).all()
+    fraction = changed(RANDOM_OPS[name](0.5)(x, gen()), x).float().mean().item()
     assert 0.42 < fraction < 0.58
 
 

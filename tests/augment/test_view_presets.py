@@ -133,7 +133,7 @@ def sampled(name: str) -> dict[tuple[str, int], dict]:
 
     records = {}
     with pytest.MonkeyPatch.context() as patch:
-        # views.py calls the first three; the random_* ops call the last three in ops
+        # ViewSpec.__call__ calls all six as ops.<name>, so patching the module catches them
         spies = (sample_crop_boxes, sample_jitter, resized_crop, grayscale, gaussian_blur, solarize)
         for spy in spies:
             patch.setattr(ops, spy.__name__, spy)

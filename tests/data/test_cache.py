@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -29,13 +31,13 @@ def folder(tmp_path):
     return root
 
 
-def test_the_cache_holds_exactly_the_images_and_labels_read_in_memory(folder, tmp_path, capsys):
+def test_the_cache_holds_exactly_the_images_and_labels_read_in_memory(folder, tmp_path, caplog):
     memory = image_folder(root=str(folder), size=12)
     mapped = image_folder(root=str(folder), size=12, cache=str(tmp_path / "cache"), workers=2)
     assert mapped.mapped and not memory.mapped
     assert torch.equal(mapped.images, memory.images)  # the same decoding, the gap closed
     assert torch.equal(mapped.labels, memory.labels) and mapped.classes == memory.classes
-    assert "skipped 1 of 19" in capsys.readouterr().err
+    assert "skipped 1 of 19" in caplog.text
     assert memory.stats is None  # so its mean_std reads every image
     assert np.allclose(mapped.mean_std(), memory.mean_std(), atol=1e-6)
 
@@ -55,7 +57,7 @@ def test_an_unchanged_folder_reuses_its_cache_and_a_changed_one_gets_a_new_one(
     assert len(list(cache.glob("*.u8"))) == 2
 
 
-def test_an_interrupted_decode_resumes_where_it_stopped(folder, tmp_path, monkeypatch, capsys):
+def test_an_interrupted_decode_resumes_where_it_stopped(folder, tmp_path, monkeypatch, caplog):
     cache = tmp_path / "cache"
     monkeypatch.setattr(cache_module, "SAVE_SECONDS", 0.0)  # progress saved after every task
     monkeypatch.setattr(cache_module, "CHUNK", 1)  # a task per image
@@ -84,8 +86,9 @@ def test_an_interrupted_decode_resumes_where_it_stopped(folder, tmp_path, monkey
         image_folder(root=str(folder), size=12, cache=str(cache))
     assert not list(cache.glob("*.json"))  # not complete
     monkeypatch.setattr(cache_module, "_decode_one", real)
-    resumed = image_folder(root=str(folder), size=12, cache=str(cache))
-    assert "14 of 19 images left" in capsys.readouterr().err
+    with caplog.at_level(logging.INFO, logger="selfsup"):
+        resumed = image_folder(root=str(folder), size=12, cache=str(cache))
+    assert "14 of 19 images left" in caplog.text
     assert torch.equal(resumed.images, image_folder(root=str(folder), size=12).images)
 
 

@@ -1,6 +1,6 @@
 """Training on several processes (DistributedDataParallel over gloo on CPU) equals one process.
 
-The claim (engine/train.py, dist.py): with optim.batch_size the global batch, W processes that
+The claim (engine/train.py, dist/): with optim.batch_size the global batch, W processes that
 each take their 1/W of it compute the same loss and the same gradients as one process on the whole
 batch, and a run gives the same weights whether it ran on one or two processes, or stopped on one
 and resumed on the other. This is the check that catches a gather that returns the local tensor
@@ -30,7 +30,8 @@ from selfsup.build import build_method, build_views, load_data
 from selfsup.config import resolve
 from selfsup.data.loader import Batches
 from selfsup.engine.optim import build_optimizer
-from selfsup.engine.train import Precision, train, training_step
+from selfsup.engine.step import Precision, training_step
+from selfsup.engine.train import train
 from selfsup.files import load_checkpoint
 from selfsup.step import Progress, Views
 

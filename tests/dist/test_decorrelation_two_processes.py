@@ -1,7 +1,7 @@
 """Barlow Twins' and VICReg's losses on two real gloo processes on CPU, against one process.
 
 Both losses are statistics of the whole batch (a cross-correlation, variances, covariances), so
-the methods compute them on `gather`ed embeddings (dist.py), as SimCLR does for NT-Xent
+the methods compute them on `gather`ed embeddings (dist/collectives.py), as SimCLR does for NT-Xent
 (tests/dist/test_gather_two_processes.py). Checked here for each loss, with 2 processes of 3 rows: every
 process computes the loss of the 6-row global batch; each process's input gradient is world_size x
 its slice of the one-process gradient; after DDP's averaging the weight gradients equal the

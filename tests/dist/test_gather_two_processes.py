@@ -1,8 +1,8 @@
 """selfsup.dist's gathers on two real gloo processes on CPU, against one-process computations.
 
-`gather`'s promise (dist.py, `_Gather.backward`): every process computes the same loss on the
-gathered batch; the backward all-reduces (sums) the incoming gradient and keeps this process's
-rows. Each process's input gradient is therefore world_size x its slice of the full-batch
+`gather`'s promise (dist/collectives.py, `_Gather.backward`): every process computes the same
+loss on the gathered batch; the backward all-reduces (sums) the incoming gradient and keeps this
+process's rows. Each process's input gradient is therefore world_size x its slice of the full-batch
 gradient, and DDP's averaging over world_size processes then gives exactly the gradient of the
 loss on the global batch computed in one process. Both halves of that claim are checked.
 

@@ -21,7 +21,7 @@ from selfsup.build import build_method, build_views, load_data
 from selfsup.config import resolve
 from selfsup.engine.accumulate import Accumulation, merge
 from selfsup.engine.optim import build_optimizer
-from selfsup.engine.train import Precision, training_step
+from selfsup.engine.step import Precision, training_step
 from selfsup.methods.base import Method
 from selfsup.step import Progress, Views
 
@@ -180,7 +180,7 @@ class _Drifting(Method):
 
     def forward(self, views: Views, progress: Progress) -> dict[str, torch.Tensor]:
         self.calls += 1
-        z = dist.gather(self.backbone(views.large[0]) + self.calls)
+        z = views.global_batch.gather(self.backbone(views.large[0]) + self.calls)
         return {"loss": z.square().mean()}
 
 

@@ -57,17 +57,17 @@ def test_a_flipped_byte_is_caught_by_the_digest(two_saves):
         read_checkpoint(two_saves)
 
 
-def test_a_damaged_last_checkpoint_falls_back_to_the_previous_one(two_saves, capsys):
+def test_a_damaged_last_checkpoint_falls_back_to_the_previous_one(two_saves, caplog):
     _flip_byte_in_the_middle(two_saves)
     assert load_checkpoint(two_saves)["step"] == 1
-    warning = capsys.readouterr().err
+    warning = caplog.text
     assert "corrupted" in warning and "using the previous checkpoint" in warning
 
 
-def test_a_lost_last_checkpoint_falls_back_to_the_previous_one(two_saves, capsys):
+def test_a_lost_last_checkpoint_falls_back_to_the_previous_one(two_saves, caplog):
     two_saves.unlink()  # killed between the two renames of a save
     assert load_checkpoint(two_saves)["step"] == 1
-    assert "missing" in capsys.readouterr().err
+    assert "missing" in caplog.text
 
 
 @pytest.mark.parametrize(

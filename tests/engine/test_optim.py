@@ -8,7 +8,7 @@ from torch import nn
 
 from selfsup.config import OptimConfig, resolve
 from selfsup.engine.optim import LARS, Schedule, build_optimizer
-from selfsup.engine.train import Precision, training_step
+from selfsup.engine.step import Precision, training_step
 from selfsup.methods.base import Method
 from selfsup.params import Group
 from selfsup.step import Progress, Views

@@ -17,7 +17,6 @@ from selfsup import losses
 from selfsup.cli import main
 from selfsup.config import resolve
 from selfsup.decomposition import (
-    ADAPTERS,
     barlow_twins_parts,
     cosine_parts,
     gradient_scalars,
@@ -28,11 +27,12 @@ from selfsup.decomposition import (
     vicreg_parts,
 )
 from selfsup.eval.gradients import gradient_decomposition
+from selfsup.methods import with_gradient_terms
 from selfsup.registry import METHODS
 from selfsup.step import Progress, Views
 from selfsup.target import use_target_setting
 
-EXACT = {"rtol": 0.0, "atol": 1e-10}  # double precision: well inside the brief's 1e-6
+EXACT = {"rtol": 0.0, "atol": 1e-10}  # double precision: well inside a 1e-6 tolerance
 
 
 def unit(*shape, seed):
@@ -215,7 +215,7 @@ def standardised(z):  # as losses.cross_correlation: biased variance, eps 1e-5 i
     return (z - z.mean(0)) / (z.var(0, correction=0) + 1e-5).sqrt()
 
 
-ADAPTER_CASES = {  # method kwargs, the module whose output u is computed from, u of that output
+METHOD_CASES = {  # method kwargs, the module whose output u is computed from, u of that output
     "moco": ({"dim": 6, "mlp_hidden": 16, "queue_size": 20, "shuffle_bn_groups": 1}, "projector",
              lambda z: F.normalize(z, dim=1)),
     "moco_v3": ({"dim": 6, "hidden": 16, "temperature": 0.3}, "predictor",
@@ -231,22 +231,27 @@ ADAPTER_CASES = {  # method kwargs, the module whose output u is computed from, 
 }  # fmt: skip
 
 
-# train.target=momentum: the targets come from a momentum network (no gradient), so the adapter's
+# train.target=momentum: the targets come from a momentum network (no gradient), so the method's
 # split is exact for SimCLR too, whose published loss also sends gradient through the candidates.
 MOMENTUM_CASES = {
     "simclr": ({"dim": 6, "hidden": 16, "temperature": 0.5}, "projector",
                lambda z: F.normalize(z, dim=1)),
-    **{name: ADAPTER_CASES[name] for name in ("simsiam", "barlow_twins", "vicreg")},
+    **{name: METHOD_CASES[name] for name in ("simsiam", "barlow_twins", "vicreg")},
 }  # fmt: skip
-CASES = [(name, "method") for name in ADAPTER_CASES] + [(n, "momentum") for n in MOMENTUM_CASES]
+CASES = [(name, "method") for name in METHOD_CASES] + [(n, "momentum") for n in MOMENTUM_CASES]
+
+
+def test_every_method_with_gradient_terms_is_checked_against_autograd():
+    assert with_gradient_terms() == sorted({*METHOD_CASES, *MOMENTUM_CASES})
+    assert not METHODS.get("dino").has_gradient_terms()
 
 
 @pytest.mark.parametrize(("name", "setting"), CASES)
-def test_adapter_parts_sum_to_the_gradient_the_methods_own_loss_sends(name, setting):
-    # The method's forward and backward in double; a hook keeps the gradient at the output the
-    # adapter's u is computed from, and the adapter's ∂L/∂u carried back through that map must
-    # equal it: the adapter takes u, the targets and the loss weights as the method does.
-    kwargs, module, to_u = (ADAPTER_CASES if setting == "method" else MOMENTUM_CASES)[name]
+def test_gradient_terms_sum_to_the_gradient_the_methods_own_loss_sends(name, setting):
+    # The method's forward and backward in double; a hook keeps the gradient at the output that
+    # gradient_terms' u is computed from, and its ∂L/∂u carried back through that map must equal
+    # it: gradient_terms takes u, the targets and the loss weights as the method's forward does.
+    kwargs, module, to_u = (METHOD_CASES if setting == "method" else MOMENTUM_CASES)[name]
     torch.manual_seed(0)
     method = METHODS.get(name)(TinyBackbone(), **kwargs).double()
     if setting == "momentum":
@@ -272,7 +277,7 @@ def test_adapter_parts_sum_to_the_gradient_the_methods_own_loss_sends(name, sett
     method(views, Progress(0, 0.0, 0.0))["loss"].backward()
     handle.remove()
     with torch.no_grad():
-        terms = [(parts, target) for prefix, parts, target in ADAPTERS[name](method, views)
+        terms = [(parts, target) for prefix, parts, target in method.gradient_terms(views)
                  if prefix == ""]  # fmt: skip
     assert len(terms) == len(outputs)
     for (parts, _), out in zip(terms, outputs, strict=True):
@@ -348,10 +353,11 @@ def test_unsupported_method_names_the_supported_ones(tmp_path, capsys):
     config = resolve(tiny_config(tmp_path, {"name": "dino"}))
     (run / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     (run / "data.json").write_text("{}")
-    with pytest.raises(ValueError, match="method 'dino' is not supported; supported: simclr"):
+    supported = ", ".join(with_gradient_terms())
+    with pytest.raises(ValueError, match=f"method 'dino' is not supported; supported: {supported}"):
         gradient_decomposition(run)
     assert main(["gradients", str(run)]) == 2
-    assert "supported: " + ", ".join(ADAPTERS) in capsys.readouterr().err
+    assert "supported: " + supported in capsys.readouterr().err
     assert not Path(run / "gradients.json").exists()
 
 

@@ -102,6 +102,7 @@ def test_barlow_twins_method_loss_is_the_loss_of_its_projector_outputs_and_reach
     c = correlation_by_hand(z1, z2)
     torch.testing.assert_close(out["loss"].detach(), torch.tensor(loss_by_hand(c, LAMBDA)))
     torch.testing.assert_close(out["on_diag"], c.diagonal().mean())
+    assert {"off_diag", "z_std"} <= set(out)
     out["loss"].backward()
     assert method.backbone.conv.weight.grad.abs().sum() > 0
 
@@ -118,14 +119,6 @@ def test_barlow_twins_projector_is_three_bias_free_linear_layers_with_bn_between
 def test_barlow_twins_defaults_are_the_official_codes():
     defaults = {k: p.default for k, p in parameters(BarlowTwins).items() if k != "backbone"}
     assert defaults == {"dim": 8192, "hidden": 8192, "layers": 3, "off_diagonal_weight": 0.0051}
-
-
-def test_barlow_twins_runs_on_resnet_and_vit_backbones(real_backbone, progress):
-    method = BarlowTwins(real_backbone, dim=16, hidden=16)
-    out = method(Views([torch.randn(4, 1, 16, 16), torch.randn(4, 1, 16, 16)]), progress)
-    out["loss"].backward()
-    assert torch.isfinite(out["loss"]) and {"on_diag", "off_diag", "z_std"} <= set(out)
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in real_backbone.parameters())
 
 
 @pytest.mark.parametrize("recipe", ["barlow_twins/imagenet", "barlow_twins/fashion_mnist"])

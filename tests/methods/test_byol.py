@@ -17,7 +17,9 @@ def test_byol_loss_is_the_symmetrised_2_minus_2_cos_between_prediction_and_targe
     tiny_backbone, two_views, progress
 ):
     method = BYOL(tiny_backbone, dim=4, hidden=16)
-    loss = method(Views(two_views), progress)["loss"]
+    out = method(Views(two_views), progress)
+    assert {"pos_sim", "z_std"} <= set(out)
+    loss = out["loss"]
     x1, x2 = two_views
     with torch.no_grad():
         p1, p2 = (method.predictor(method.projector(method.backbone(x))) for x in (x1, x2))
@@ -68,16 +70,6 @@ def test_stop_gradient_switch_makes_byol_target_exactly_the_online_network(
     out = method(Views(two_views), progress)
     out["loss"].backward()
     assert torch.isfinite(out["loss"])
-
-
-def test_byol_runs_on_resnet_and_vit_backbones(real_backbone, progress):
-    method = BYOL(real_backbone, dim=8, hidden=16)
-    out = method(Views([torch.randn(4, 1, 16, 16), torch.randn(4, 1, 16, 16)]), progress)
-    out["loss"].backward()
-    with torch.no_grad():
-        method.after_step(progress, out)
-    assert torch.isfinite(out["loss"]) and {"pos_sim", "z_std"} <= set(out)
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in real_backbone.parameters())
 
 
 def test_byol_training_lowers_the_loss_and_learns_features_above_chance(tiny_config):

@@ -8,7 +8,7 @@ import torch
 
 from selfsup.config import OptimConfig, load_config
 from selfsup.engine.optim import Schedule, build_optimizer
-from selfsup.engine.train import Precision, training_step
+from selfsup.engine.step import Precision, training_step
 from selfsup.heads import DINOHead
 from selfsup.methods.dino import DINO
 from selfsup.registry import BACKBONES

@@ -69,7 +69,7 @@ def test_normalising_constant_is_n_times_the_mean_exp_similarity_and_the_loss_is
         for j in [INDEX[b].item(), *noise[b].tolist()]:
             total += math.exp(_dot(bank[j], f[b]) / TAU)
     z = BANK * total / (N * (K + 1))  # Z ≈ n/m Σ_j exp(v_j·f/τ)
-    assert math.isclose(out["nce_z"].item(), z, rel_tol=1e-5)
+    assert math.isclose(out["nce_z"].item(), z, rel_tol=1e-5) and "pos_sim" in out
     expected = 0.0
     for b in range(N):
         p = math.exp(_dot(bank[INDEX[b]], f[b]) / TAU) / z
@@ -162,18 +162,6 @@ def test_only_the_first_view_is_used(tiny_backbone, two_views, progress):
     one = method(Views(two_views[:1], index=INDEX), progress)["loss"]
     poisoned = Views([two_views[0], torch.full_like(two_views[1], float("nan"))], index=INDEX)
     assert torch.equal(method(poisoned, progress)["loss"], one)
-
-
-def test_instdisc_runs_on_resnet_and_vit_backbones(real_backbone, progress):
-    method = InstDisc(real_backbone, num_samples=32, dim=8, num_noise=16)
-    views = Views([torch.randn(4, 1, 16, 16)], index=torch.tensor([0, 5, 9, 31]))
-    out = method(views, progress)
-    out["loss"].backward()
-    with torch.no_grad():
-        method.after_step(progress, out)
-    assert torch.isfinite(out["loss"]) and {"pos_sim", "nce_z"} <= set(out)
-    assert method.normaliser.item() > 0
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in real_backbone.parameters())
 
 
 def test_instdisc_training_pulls_features_to_their_entries_and_learns_above_chance(tiny_config):

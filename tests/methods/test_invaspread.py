@@ -83,16 +83,9 @@ def test_method_loss_is_the_loss_of_both_views_features(tiny_backbone, two_views
         h = method.backbone(torch.cat(two_views))  # one batch norm batch, as in the method
         f, f_hat = F.normalize(method.projector(h), dim=1).chunk(2)
     assert math.isclose(out["loss"].item(), _by_hand(f, f_hat, 0.1), rel_tol=1e-4)
+    assert "pos_sim" in out
     out["loss"].backward()
     assert method.backbone.conv.weight.grad.abs().sum() > 0
-
-
-def test_invaspread_runs_on_resnet_and_vit_backbones(real_backbone, progress):
-    method = InvaSpread(real_backbone, dim=8)
-    out = method(Views([torch.randn(4, 1, 16, 16), torch.randn(4, 1, 16, 16)]), progress)
-    out["loss"].backward()
-    assert torch.isfinite(out["loss"]) and "pos_sim" in out
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in real_backbone.parameters())
 
 
 def test_invaspread_training_lowers_the_loss_and_learns_features_above_chance(tiny_config):

@@ -23,7 +23,9 @@ def test_moco_loss_is_info_nce_of_each_query_against_its_key_and_the_queue(
 ):
     method = MoCo(tiny_backbone, dim=4, queue_size=10, temperature=0.2, shuffle_bn_groups=1)
     queue = method.queue.keys.clone()
-    loss = method(Views(two_views), progress)["loss"]
+    out = method(Views(two_views), progress)
+    assert {"pos_sim", "z_std"} <= set(out)
+    loss = out["loss"]
     q, k = _queries_and_keys(method, *two_views)
     expected = []
     for i in range(len(q)):  # -log exp(q·k+/τ) / (exp(q·k+/τ) + Σ_j exp(q·k_j/τ)), k_j in queue
@@ -91,17 +93,6 @@ def test_symmetric_moco_sums_both_directions_and_enqueues_both_key_sets(
         method.after_step(progress, out)
     torch.testing.assert_close(method.queue.keys[:12], torch.cat([k2, k1]))
     assert method.queue.ptr.item() == 12
-
-
-def test_moco_runs_on_resnet_and_vit_backbones(real_backbone, progress):
-    method = MoCo(real_backbone, dim=8, mlp_hidden=16, queue_size=32, shuffle_bn_groups=2)
-    views = Views([torch.randn(4, 1, 16, 16), torch.randn(4, 1, 16, 16)])
-    out = method(views, progress)
-    out["loss"].backward()
-    with torch.no_grad():
-        method.after_step(progress, out)
-    assert torch.isfinite(out["loss"]) and {"pos_sim", "z_std"} <= set(out)
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in real_backbone.parameters())
 
 
 def test_moco_training_lowers_the_loss_and_learns_features_above_chance(tiny_config):

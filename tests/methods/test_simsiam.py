@@ -30,7 +30,9 @@ def _projections(method):
 
 def test_simsiam_loss_is_half_the_sum_of_both_negative_cosines(tiny_backbone, two_views, progress):
     method = SimSiam(tiny_backbone, dim=8, hidden=8, predictor_hidden=4)
-    loss = method(Views(two_views), progress)["loss"]
+    out = method(Views(two_views), progress)
+    assert {"pos_sim", "z_std"} <= set(out)
+    loss = out["loss"]
     with torch.no_grad():
         z1, z2 = (method.projector(method.backbone(x)) for x in two_views)
         p1, p2 = method.predictor(z1), method.predictor(z2)
@@ -98,14 +100,6 @@ def test_simsiam_trains_the_predictor_at_a_fixed_learning_rate_unless_asked_not_
                 in_predictor = {id(p) for p in group["params"]} <= predictor
                 expected = 0.1 if fixed and in_predictor else warm
                 assert group["lr"] == pytest.approx(expected), (fixed, step, group["name"])
-
-
-def test_simsiam_runs_on_resnet_and_vit_backbones(real_backbone, progress):
-    method = SimSiam(real_backbone, dim=16, hidden=16, predictor_hidden=4)
-    out = method(Views([torch.randn(4, 1, 16, 16), torch.randn(4, 1, 16, 16)]), progress)
-    out["loss"].backward()
-    assert torch.isfinite(out["loss"]) and {"pos_sim", "z_std"} <= set(out)
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in real_backbone.parameters())
 
 
 def test_simsiam_training_lowers_the_loss_and_learns_features_above_chance(tiny_config):

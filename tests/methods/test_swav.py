@@ -12,7 +12,7 @@ from gloo import run_on_processes
 import selfsup.methods.swav as swav_module
 from selfsup.config import OptimConfig, load_config
 from selfsup.engine.optim import Schedule, build_optimizer
-from selfsup.engine.train import Precision, training_step
+from selfsup.engine.step import Precision, training_step
 from selfsup.losses import swapped_prediction
 from selfsup.methods.swav import SwAV
 from selfsup.prototypes import Prototypes, sinkhorn
@@ -76,8 +76,8 @@ def recorded(monkeypatch):
     """The inputs and outputs of every Sinkhorn call the method makes."""
     calls = []
 
-    def recording(scores, epsilon, iterations):
-        codes = sinkhorn(scores, epsilon, iterations)
+    def recording(scores, epsilon, iterations, global_batch):
+        codes = sinkhorn(scores, epsilon, iterations, global_batch)
         calls.append((scores.detach().clone(), codes))
         return codes
 

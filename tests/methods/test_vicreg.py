@@ -119,6 +119,7 @@ def test_vicreg_method_loss_is_25_25_1_times_the_terms_of_its_projector_outputs(
     assert out["loss"].item() == pytest.approx(25 * s + 25 * v + 1 * c, rel=1e-5)
     for name, value in (("invariance", s), ("variance", v), ("covariance", c)):
         assert out[name].item() == pytest.approx(value, rel=1e-5)
+    assert "z_std" in out
     out["loss"].backward()
     assert method.backbone.conv.weight.grad.abs().sum() > 0
 
@@ -149,15 +150,6 @@ def test_vicreg_defaults_are_the_official_codes():
         "dim": 8192, "hidden": 8192, "layers": 3, "invariance_weight": 25.0,
         "variance_weight": 25.0, "covariance_weight": 1.0, "std_target": 1.0, "eps": 1e-4,
     }  # fmt: skip
-
-
-def test_vicreg_runs_on_resnet_and_vit_backbones(real_backbone, progress):
-    method = VICReg(real_backbone, dim=16, hidden=16)
-    out = method(Views([torch.randn(4, 1, 16, 16), torch.randn(4, 1, 16, 16)]), progress)
-    out["loss"].backward()
-    assert torch.isfinite(out["loss"])
-    assert {"invariance", "variance", "covariance", "z_std"} <= set(out)
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in real_backbone.parameters())
 
 
 @pytest.mark.parametrize("recipe", ["vicreg/imagenet", "vicreg/fashion_mnist"])
