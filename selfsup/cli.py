@@ -299,7 +299,6 @@ def _compare(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from selfsup.studies.demo import demo
 
-    print("pre-training, then evaluating on the test split", file=sys.stderr)
     result = demo(args.recipe, args.minutes, args.overrides)
     config, run = result.config, result.run
     epochs = run.config.train.epochs

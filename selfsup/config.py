@@ -22,6 +22,7 @@ from selfsup.data.selection import SELECTION_KEYS, check_selection
 from selfsup.methods.base import SUPPLIED
 from selfsup.params import (
     BELOW_ONE,
+    FRACTION,
     GROUP_LIMITS,
     NON_NEGATIVE,
     POSITIVE,
@@ -139,7 +140,7 @@ LIMITS: dict[type, dict[str, Limit]] = {
         "log_every": POSITIVE,
         "knn_every": NON_NEGATIVE,
         "gradients_every": NON_NEGATIVE,
-        "label_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
+        "label_fraction": FRACTION,
         "target_momentum": UNIT,
     },
     EvalConfig: {

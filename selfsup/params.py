@@ -22,6 +22,8 @@ NON_NEGATIVE: Limit = (lambda v: v >= 0, ">= 0")
 AT_LEAST_ONE: Limit = (lambda v: v >= 1, ">= 1")
 UNIT: Limit = (lambda v: 0 <= v <= 1, "in [0, 1]")
 BELOW_ONE: Limit = (lambda v: 0 <= v < 1, "in [0, 1)")
+# a share of a data set: train.label_fraction, data.fraction
+FRACTION: Limit = (lambda v: 0 < v <= 1, "in (0, 1]")
 
 # Allowed values of the parameters of methods, backbones and views, by name: a bad value fails
 # when the config is read, not mid-run (a temperature of 0 would train into NaN, a negative one

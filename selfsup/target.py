@@ -115,8 +115,6 @@ class SiameseTarget(nn.Module):
             raise ValueError(
                 f"train.target must be one of {', '.join(TARGET_SETTINGS)}, got {setting!r}"
             )
-        if not 0 <= momentum <= 1:
-            raise ValueError(f"'train.target_momentum' must be in [0, 1], got {momentum!r}")
         self.kind = self.paper if setting == "method" else setting
         self.ema = EMA(*self.online) if self.kind == "momentum" else None
         self.momentum = momentum

@@ -18,6 +18,7 @@ import torch
 
 from selfsup.data.datasets import ImageData
 from selfsup.data.subsets import labelled_subset, subset
+from selfsup.params import FRACTION, check_limits
 from selfsup.registry import DATASETS
 
 SELECTION_KEYS = ("classes", "fraction")
@@ -47,8 +48,7 @@ def check_selection(spec: dict[str, Any]) -> dict[str, Any]:
                 fraction = float(fraction)
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
             raise ValueError(f"'data.fraction' expects a number in (0, 1], got {fraction!r}")
-        if not 0 < fraction <= 1:
-            raise ValueError(f"'data.fraction' must be in (0, 1], got {fraction!r}")
+        check_limits("data", {"fraction": fraction}, {"fraction": FRACTION})
         spec["fraction"] = float(fraction)
     return spec
 

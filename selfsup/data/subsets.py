@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from selfsup.data.datasets import ImageData
+from selfsup.params import FRACTION, check_limits
 
 LABELLED_FILE = "labelled.json"
 
@@ -40,8 +41,7 @@ def labelled_subset(labels: Tensor | None, fraction: float, seed: int) -> Tensor
             "train.label_fraction chooses a subset of the labelled training images, and the "
             "dataset has no labels; choose a labelled dataset or leave train.label_fraction unset"
         )
-    if not 0 < fraction <= 1:
-        raise ValueError(f"train.label_fraction must be in (0, 1], got {fraction!r}")
+    check_limits("train", {"label_fraction": fraction}, {"label_fraction": FRACTION})
     labels = labels.cpu()
     chosen = []
     for label in labels.unique().tolist():

@@ -3,15 +3,19 @@ and the raw pixels with the same kNN and linear probe (the README's first comman
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from selfsup.config import Config, load_config
+from selfsup.engine.log import format_duration
 from selfsup.engine.train import train
 from selfsup.eval.protocols import evaluate, pixel_baselines
 from selfsup.run import Run
+
+logger = logging.getLogger(__name__)
 
 DEMO_RECIPE = "simclr/fashion_mnist"
 DEMO_MINUTES = 15.0
@@ -53,6 +57,9 @@ def demo(
     began = time.perf_counter()
     run = train(config)
     trained = time.perf_counter()
+    logger.info(
+        f"pre-training took {format_duration(trained - began)}; evaluating on the test split"
+    )
     learned = evaluate(run)
     pixels = pixel_baselines(config)
     return DemoResult(config, run, pixels, learned, trained - began, time.perf_counter() - trained)

@@ -44,7 +44,7 @@ def test_a_smaller_fraction_lies_inside_a_larger_one():
 
 @pytest.mark.parametrize("fraction", [0.0, -0.1, 1.5])
 def test_a_fraction_outside_zero_one_is_an_error(fraction):
-    with pytest.raises(ValueError, match=r"label_fraction must be in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"label_fraction' must be in \(0, 1\]"):
         labelled_subset(LABELS, fraction, seed=0)
 
 
