@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -309,9 +310,13 @@ def _demo(args: argparse.Namespace) -> int:
         (f"{config.method['name']} + {config.backbone['name']} ({backbone})", result.learned),
     ]
     budget = config.train.budget_minutes
-    chosen = (
-        f" (chosen to fill {budget:g} minutes; replay: train.epochs={epochs!r})" if budget else ""
-    )
+    chosen = ""
+    if budget:
+        from selfsup.engine.budget import replay_overrides
+
+        event = next(r for r in run.metrics if r.get("event") == "budget")
+        replay = shlex.join(replay_overrides(run.config, event))
+        chosen = f" (chosen to fill {budget:g} minutes; replay: {replay})"
     print(
         f"\n{config.data['name']} {config.eval.test_split} split, "
         f"{epochs:.3g} epochs of pre-training{chosen}"

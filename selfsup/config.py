@@ -61,8 +61,10 @@ class OptimConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: float = 100.0
-    # a wall-clock budget instead: the epochs are chosen from the throughput of the first steps
-    # and written to the run's config.yaml (train.epochs) so that the run can be replayed
+    # a wall-clock budget instead: the epochs are chosen from the throughput of the first steps,
+    # every schedule in epochs (method.*, backbone.*, views.*, optim.*, optim.groups.*.* named
+    # *_epochs or *_epoch) is multiplied by chosen / these epochs, longer or shorter, and both
+    # are written to the run's config.yaml, which replays the run (engine/budget.py)
     budget_minutes: float | None = None
     max_steps: int | None = None  # stop after this many steps (the schedule still spans `epochs`)
     seed: int = 0
@@ -276,7 +278,14 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                 f"override '{item}': the value is not valid YAML ({error.__class__.__name__}); "
                 f"quote it, e.g. {key}='\"{text}\"'"
             ) from error
-        raw.setdefault(section, {})[name] = value
+        target = raw.setdefault(section, {})
+        prefix, dot, field_name = name.removeprefix("groups.").rpartition(".")
+        if section == "optim" and name.startswith("groups.") and dot:
+            # optim.groups.<parameter-name prefix>.<field>: the prefix may hold dots itself
+            groups = target["groups"] = dict(target.get("groups") or {})
+            groups[prefix] = {**(groups.get(prefix) or {}), field_name: value}
+        else:
+            target[name] = value
     return raw
 
 

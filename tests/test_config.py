@@ -3,7 +3,7 @@
 import pytest
 from torch import nn
 
-from selfsup.config import apply_overrides, load_config, recipe_names, resolve
+from selfsup.config import apply_overrides, load_config, load_recipe, recipe_names, resolve
 
 BASE = {
     "method": {"name": "simclr"},
@@ -145,3 +145,15 @@ def test_a_stricter_limit_of_one_method_is_stated_where_it_is_built():
     config = load_config("moco_v2/fashion_mnist", ["method.queue_size=0"])
     with pytest.raises(ValueError, match="'method.queue_size' must be >= 1, got 0"):
         METHODS.build(config.method, backbone=nn.Linear(2, 2))
+
+
+def test_a_dotted_override_sets_one_field_of_a_parameter_group():
+    raw = load_recipe("simsiam/fashion_mnist")
+    config = resolve(
+        apply_overrides(
+            raw, ["optim.groups.backbone.layer4.lr=0.01", "optim.groups.predictor.frozen_epochs=1"]
+        )
+    )
+    assert config.optim.groups["backbone.layer4"].lr == 0.01
+    assert config.optim.groups["predictor"].frozen_epochs == 1
+    assert "groups" not in raw["optim"]  # the recipe's own dict is left as it was

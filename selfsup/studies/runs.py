@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from selfsup.config import Config
+from selfsup.engine.budget import scale_schedules
 from selfsup.engine.collapse import CollapseError
 from selfsup.engine.train import train
 from selfsup.eval.protocols import evaluate, stored_results
@@ -74,9 +75,12 @@ def describe_length(epochs: float | None, minutes: float | None) -> str:
 
 def check_reusable(run: Run, wanted: Config, minutes: float | None) -> None:
     """Raise unless `run` was trained as `wanted` would be. A budget's epochs are measured and
-    written to the run's config, the budget is in its "budget" event; without a budget the
-    epochs must be equal."""
-    budget = next((r["budget_minutes"] for r in run.metrics if r.get("event") == "budget"), None)
+    written to the run's config with its schedules in epochs scaled to them, the budget and the
+    scale are in its "budget" event; without a budget the epochs must be equal."""
+    event = next((r for r in run.metrics if r.get("event") == "budget"), None)
+    budget = event["budget_minutes"] if event else None
+    if event:  # runs from before schedules were scaled have no scale: theirs are the recipe's
+        wanted = scale_schedules(wanted, event.get("scale", 1.0))[0]
     different = [s for s in FIXED if getattr(run.config, s) != getattr(wanted, s)]
     different += [
         f"train.{key}"
@@ -87,6 +91,8 @@ def check_reusable(run: Run, wanted: Config, minutes: float | None) -> None:
         different.append("train.budget_minutes")
     elif minutes is None and run.config.train.epochs != wanted.train.epochs:
         different.append("train.epochs")
+    elif event and event.get("nominal_epochs", wanted.train.epochs) != wanted.train.epochs:
+        different.append("train.epochs")  # the length the budget's schedules were scaled from
     if different:
         raise ValueError(
             f"{run.path} was trained with other settings ({', '.join(different)}); write into "

@@ -124,20 +124,6 @@ def test_a_compiled_backbone_trains_and_saves_the_plain_parameter_names(tiny_con
     assert selfsup.load(run.path).encoder.num_features == 64
 
 
-def test_a_budget_chooses_the_epochs_records_them_and_the_run_replays_exactly(tiny_config):
-    tiny_config["train"].update(budget_minutes=0.05, knn_every=0, log_every=1)
-    budgeted = selfsup.train(resolve(tiny_config))
-    event = next(r for r in budgeted.metrics if r.get("event") == "budget")
-    epochs = budgeted.config.train.epochs
-    assert budgeted.config.train.budget_minutes is None  # a resume does not measure again
-    assert epochs == event["epochs"] and event["img_per_s"] > 0
-    assert budgeted.checkpoint()["step"] == event["total_steps"] == round(epochs * 10)
-    tiny_config["train"].update(budget_minutes=None, epochs=epochs, name="replay")
-    replay = selfsup.train(resolve(tiny_config))
-    for key, value in budgeted.checkpoint()["method"].items():
-        assert torch.equal(value, replay.checkpoint()["method"][key]), key
-
-
 def test_no_warning_from_our_code_on_the_main_path(tiny_config, recwarn):
     tiny_config["train"].update(epochs=1, progress=True)
     run = selfsup.train(resolve(tiny_config))
