@@ -270,6 +270,8 @@ def data_parallel(method: torch.nn.Module, device: torch.device) -> torch.nn.Mod
     step, but not always all of them (CPC's predictors for offsets beyond a small patch grid);
     DDP learns the set in the first step, where find_unused_parameters=True would search the
     autograd graph at every step. Frozen parts (EMA targets, teachers) have requires_grad False.
+    (train.accumulate's `no_sync` on all micro-batches but the last therefore starts after the
+    first step, whose backward passes DDP learns from: engine/accumulate.py.)
     """
     if processes() == 1:
         return method

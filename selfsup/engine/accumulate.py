@@ -24,16 +24,22 @@ return them. Batch norm is the one thing that stays per micro-batch: each normal
 The cost, for methods that gather: the caching pass and the gradient pass are forward passes
 without the encoder's graph, about a third of a step each (MoCo: two caching sweeps, its shuffled
 keys are encoded from other micro-batches' images); methods without gathers (BYOL, SimSiam,
-supervised) run as plain accumulation. Under DDP each micro-batch's backward exchanges gradients.
+supervised) run as plain accumulation. Under DDP the gradients are exchanged once per step: the
+backward passes of micro-batches 0..M-2 run under DDP's `no_sync` and add to .grad on each process,
+and the last one's all-reduces the sum (the first step exchanges after every micro-batch: see
+`Accumulation.run`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 import selfsup.dist as dist
 from selfsup.step import Progress, Views
@@ -48,6 +54,8 @@ class Accumulation:
     def __init__(self, count: int) -> None:
         self.count = count
         self.sweeps: int | None = None
+        # the DDP wrappers that have run a step here: their gradients are exchanged once a step
+        self.exchanged: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
     def split(self, views: Views, global_batch: dist.MicroBatches) -> list[Views]:
         """The micro-batches of `views`, each carrying `global_batch` (the step's state)."""
@@ -101,12 +109,18 @@ class Accumulation:
             if precision.scaler.is_enabled()
             else 1 / self.count
         )
+        # Under DDP the micro-batches' gradients add up on each process and are averaged over
+        # the processes once, in the last backward pass. Not in the wrapper's first step: DDP's
+        # static graph learns the used parameters from its first backward pass, which must
+        # exchange (torch 2.13 fails an internal assert in a first backward under no_sync,
+        # pytorch/pytorch#187732), so that step exchanges after every micro-batch.
+        local = self.count - 1 if model in self.exchanged else 0  # micro-batches under no_sync
         outs = []
-        for out in _passes(model, parts, progress, precision, state, rng, "live"):
-            # Under DDP every backward pass averages its gradients over the processes and adds
-            # them to .grad (DDP's static graph does not allow no_sync): M exchanges, not one.
+        for out in _passes(model, parts, progress, precision, state, rng, "live", local):
             precision.scaler.scale(out["loss"] / self.count).backward()
             outs.append(out)
+        if isinstance(model, DistributedDataParallel):
+            self.exchanged.add(model)
         _set_rng_state(after)  # the global RNG goes on from its one draw
         return merge(outs)
 
@@ -120,7 +134,8 @@ class Accumulation:
         rng: list[int],
     ) -> None:
         """Σ_j ∂L_j/∂G for every gather G, with the parameters frozen so that only the loss's
-        part of the graph is built."""
+        part of the graph is built (and no parameter accumulates a gradient: DDP's hooks, which
+        a backward pass outside its wrapper would confuse in its first step, never fire)."""
         trainable = [p for p in method.parameters() if p.requires_grad]
         for p in trainable:
             p.requires_grad_(False)
@@ -174,17 +189,22 @@ def _passes(
     state: dist.MicroBatches,
     rng: list[int],
     mode: str,
+    local: int = 0,
 ) -> Iterator[dict[str, Any]]:
     """Each micro-batch's forward as a `mode` pass of `state` (the parts' `global_batch`), with
     that micro-batch's seed (the same random draws in each of its passes); yields the output
-    inside the pass, so that the caller's backward belongs to it."""
+    inside the pass, so that the caller's backward belongs to it. The first `local` micro-batches
+    run under DDP's no_sync (forward and backward: DDP prepares its exchange in the forward), so
+    that their gradients stay on this process until a later backward pass exchanges the sum."""
     for m, part in enumerate(parts):
         torch.manual_seed(rng[m])
-        state.begin(m, mode)
-        with precision.autocast():
-            out = module(part, progress)
-        state.end()
-        yield out
+        quiet = m < local and isinstance(module, DistributedDataParallel)
+        with module.no_sync() if quiet else contextlib.nullcontext():
+            state.begin(m, mode)
+            with precision.autocast():
+                out = module(part, progress)
+            state.end()
+            yield out
 
 
 def merge(outs: list[dict[str, Any]]) -> dict[str, Any]:

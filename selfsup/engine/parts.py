@@ -3,6 +3,7 @@ optimizer and its schedule, the batches and views, the precision and the micro-b
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,8 @@ class Parts:
         weights of the runs it starts from (build_method)."""
         settings = config.train
         device = dist.local_device(pick_device(settings.device))
+        # the same weights, memory banks and queues on every process; the steps then draw from
+        # a stream per process (own_random_stream)
         torch.manual_seed(settings.seed)
         views = build_views(config)
         info = data_info(data, views)
@@ -110,6 +113,7 @@ class Parts:
         spe = self.batches.steps_per_epoch
         progress = Progress(step, step / spe, step / self.schedule.total_steps)
         self.schedule.apply(step)
+        own_random_stream(self.config.train.seed, step)
         images, index = self.batches.next()
         # every process draws the augmentations of the whole global batch and keeps its rows:
         # the same views as on one process, whatever the number of processes
@@ -132,6 +136,8 @@ class Parts:
         return [crop.contiguous(memory_format=self.memory_format) for crop in crops]
 
     def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps: on several processes rank 0's, whose global RNG state is
+        the stream of a one-process run (`own_random_stream`)."""
         return {
             "method": self.method.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -155,3 +161,19 @@ class Parts:
         if state.get("scaler"):
             self.precision.scaler.load_state_dict(state["scaler"])
         return state["step"]
+
+
+def own_random_stream(seed: int, step: int) -> None:
+    """Torch's global RNG for this process's draws in step `step` (dropout, stochastic depth,
+    sampled negatives): each process its own, so that the processes' draws are independent.
+
+    Rank 0 goes on with the stream that `Parts.build` seeded, which is a one-process run's and
+    what a checkpoint keeps; rank r > 0 draws step `step` from a stream seeded by (seed, r, step),
+    the same after a resume. Everything the processes must draw alike comes from elsewhere: the
+    weights (built before any step, from train.seed), the views (`Parts.generator`, the same on
+    every process) and MoCo's shuffle (rank 0's draw, sent to all by `GlobalBatch.shared`).
+    """
+    rank = dist.process_rank()
+    if rank > 0:
+        key = hashlib.blake2b(f"{seed}/{rank}/{step}".encode(), digest_size=8).digest()
+        torch.manual_seed(int.from_bytes(key, "little"))  # CUDA's generators too

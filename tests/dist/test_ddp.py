@@ -299,3 +299,68 @@ def _records(run_dir: Path) -> list[dict]:
     from selfsup.files import read_metrics
 
     return read_metrics(run_dir / "metrics.jsonl")
+
+
+# Torch's global RNG: one stream per process. SimCLR with a ViT whose stochastic depth draws from it.
+STREAMS = {
+    "method": {"name": "simclr", "dim": 16, "hidden": 32},
+    "backbone": {"name": "vit_tiny", "patch_size": 8, "drop_path": 0.3},
+    "data": {"name": "synthetic", "per_class": 4, "size": 16},
+    "views": {"name": "simclr", "size": 16, "blur_p": 0.0},
+    "optim": {"name": "sgd", "lr": 0.1, "batch_size": 8, "warmup_epochs": 0},
+    "train": {"device": "cpu"},
+}
+
+
+def _global_draws(rank: int) -> dict:
+    """What torch's global RNG would draw at the start of each of 3 steps' forward (dropout
+    masks, sampled negatives), in a run straight through and in one resumed after step 1 from
+    rank 0's state (what the checkpoint holds); and a weight, which is every process's."""
+    from selfsup.engine.parts import Parts
+
+    torch.set_num_threads(1)
+    config = resolve(STREAMS)
+    data = load_data(config, "train")
+
+    def build() -> tuple[Parts, list]:
+        parts, drawn = Parts.build(config, data), []
+        forward = parts.method.forward
+
+        def recording(views: Views, progress: Progress) -> dict:
+            with torch.random.fork_rng(devices=[]):  # looks without moving the stream
+                drawn.append(torch.rand(4).tolist())
+            return forward(views, progress)
+
+        parts.method.forward = recording
+        return parts, drawn
+
+    parts, straight = build()
+    weight = next(parts.method.parameters()).flatten()[:4].tolist()
+    for step in range(3):
+        parts.step(step)
+    parts, resumed = build()
+    parts.step(0)
+    state = dist.from_rank0(lambda: {**parts.state_dict(), "step": 1})
+    parts, resumed = build()
+    assert parts.load_state_dict(state, Path("last.pt")) == 1
+    for step in (1, 2):
+        parts.step(step)
+    return {"straight": straight, "resumed": resumed, "weight": weight}
+
+
+@pytest.mark.slow  # spawns processes
+def test_each_process_draws_its_own_random_stream_and_rank_0_draws_one_process_s():
+    """Dropout masks and sampled negatives are independent across processes; rank 0's stream is
+    a one-process run's (whose results stay bitwise as they were), and a resumed run on two
+    processes draws what the run straight through drew, on every rank."""
+    one = _global_draws(0)
+    per_process = run_on_processes(_global_draws, WORLD)
+    # the same stream, from its start; after the first masks it has moved less on rank 0, which
+    # draws one per row of its half of the batch
+    assert per_process[0]["straight"][0] == one["straight"][0]
+    for step in range(3):
+        assert per_process[1]["straight"][step] != per_process[0]["straight"][step]
+    for rank in range(WORLD):
+        assert per_process[rank]["weight"] == one["weight"]  # built from train.seed everywhere
+        assert per_process[rank]["resumed"] == per_process[rank]["straight"][1:]
+    assert one["resumed"] == one["straight"][1:]

@@ -51,6 +51,9 @@ METHODS = {
     "unigrad": {"dim": 16, "hidden": 32},
     "instdisc": {"dim": 16, "loss": "softmax"},
     "cpc": {"patch_size": 8, "patch_stride": 4, "prediction_steps": 1},
+    # a 3x3 patch grid predicts 2 rows ahead at most: the predictors of offsets 3 and 4 go
+    # unused, which DDP's static graph learns in its first step
+    "cpc+far": {"patch_size": 8, "patch_stride": 4, "prediction_steps": 3},
     "cmc": {"views": "crops", "dim": 16, "negatives": "batch"},
 }
 # Not here: negatives sampled at random (InstDisc's NCE noise, CMC's memory banks, the hybrid's
@@ -70,9 +73,8 @@ def _config(name: str):
     )
 
 
-def _step(name: str, accumulate: int, rank: int = 0, world: int = 1, bn_eval: bool = True):
-    """One training step on this process's 1/world of a fixed batch in `accumulate`
-    micro-batches: the loss, every parameter's gradient and the state after the step."""
+def _setup(name: str, rank: int, world: int, bn_eval: bool) -> tuple:
+    """The config, this process's 1/world of a fixed batch's views, and the seeded method."""
     config = _config(name)
     data = load_data(config, "train")
     images, labels = data.images[:BATCH], data.labels[:BATCH]
@@ -87,6 +89,13 @@ def _step(name: str, accumulate: int, rank: int = 0, world: int = 1, bn_eval: bo
         for module in method.modules():
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
                 module.eval()
+    return config, views, method
+
+
+def _step(name: str, accumulate: int, rank: int = 0, world: int = 1, bn_eval: bool = True):
+    """One training step on this process's 1/world of a fixed batch in `accumulate`
+    micro-batches: the loss, every parameter's gradient and the state after the step."""
+    config, views, method = _setup(name, rank, world, bn_eval)
     torch.manual_seed(100)
     out = training_step(
         method,
@@ -225,3 +234,62 @@ def test_micro_batches_on_two_processes_equal_one_process_on_the_whole_batch():
             assert grads.keys() == whole_grads.keys()
             for key, value in grads.items():
                 _close(torch.tensor(value), whole_grads[key], f"{name} rank {rank} {key}")
+
+
+def _exchanges_and_gradients(rank: int) -> dict:
+    """Two steps (lr 0: the same gradient each time) on this process's half of the batch, in
+    1, 2 and 4 micro-batches, with one `Accumulation` as a run has: the gradient buckets that
+    DDP all-reduces in each step (counted by a communication hook) and the second step's
+    gradients."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    torch.set_num_threads(1)  # two processes on the test machine's cores
+    results = {}
+    for name in ("simclr", "cpc+far"):
+        for accumulate in (1, 2, 4):
+            config, views, method = _setup(name, rank, 2, bn_eval=True)
+            model = dist.data_parallel(method, CPU)
+            exchanged: list[int] = []
+
+            def counted(state, bucket, exchanged=exchanged):
+                exchanged.append(bucket.index())
+                return allreduce_hook(state, bucket)
+
+            model.register_comm_hook(None, counted)
+            optimizer = build_optimizer(method, config.optim)
+            accumulation = Accumulation(accumulate)
+            per_step = []
+            for step in range(2):
+                before = len(exchanged)
+                training_step(
+                    method,
+                    optimizer,
+                    views,
+                    Progress(step, 0.0, 0.0),
+                    Precision("fp32", CPU),
+                    model=model,
+                    accumulation=accumulation,
+                )
+                per_step.append(len(exchanged) - before)
+            grads = {k: p.grad.tolist() for k, p in method.named_parameters() if p.grad is not None}
+            results[f"{name}/{accumulate}"] = {"exchanges": per_step, "grads": grads}
+    return results
+
+
+@pytest.mark.slow  # spawns processes
+def test_gradients_are_exchanged_once_per_step_not_once_per_micro_batch():
+    """After the first step (DDP's static graph learns its parameters from a synchronised
+    backward pass) M micro-batches all-reduce the gradient buckets once, as one large step does,
+    and the gradients are still the whole batch's on one process (CPC: with unused predictors)."""
+    per_process = run_on_processes(_exchanges_and_gradients, 2)
+    for name in ("simclr", "cpc+far"):
+        _, whole_grads, _ = _step(name, 1)
+        for rank in range(2):
+            plain = per_process[rank][f"{name}/1"]["exchanges"]
+            assert plain[1] > 0  # every bucket, once a step
+            for accumulate in (2, 4):
+                result = per_process[rank][f"{name}/{accumulate}"]
+                assert result["exchanges"][1] == plain[1], f"{name}, {accumulate} micro-batches"
+                assert result["grads"].keys() == whole_grads.keys()
+                for key, value in result["grads"].items():
+                    _close(torch.tensor(value), whole_grads[key], f"{name}/{accumulate} {key}")
