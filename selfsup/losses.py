@@ -336,3 +336,45 @@ def swapped_prediction(scores: list[Tensor], codes: list[Tensor], temperature: f
             others = [p for v, p in enumerate(log_predictions) if v != i]
             total = total - sum((code.float() * p).sum(dim=-1).mean() for p in others) / len(others)
         return total / len(codes)
+
+
+def total_coding_rate(z: Tensor, eps_squared: float) -> Tensor:
+    """The total coding rate R(Z) of b embeddings (the rate of MCR², Yu et al. 2020, arXiv
+    2006.08558; EMP-SSL, Tong et al. 2023, arXiv 2304.03977 §3): the bits needed to code them up
+    to a distortion ε, large when they spread over many directions, small when they collapse.
+
+    z (..., b, d): the b embeddings z_j ∈ R^d as rows, i.e. Zᵀ for Z = [z_1 .. z_b] ∈ R^{d×b};
+    every leading index is a Z of its own. eps_squared: ε² (EMP-SSL's code `--eps 0.2` enters as
+    d/(b·eps), so it is ε²).
+        R(Z) = ½ log det(I_d + d/(b ε²) Z Zᵀ)
+    Computed as ½ log det(I_b + d/(b ε²) ZᵀZ), equal by Sylvester's determinant identity: a b×b
+    matrix instead of d×d (b = 256 patches' rows against d = 1024 dims). Float32 even under
+    autocast (a log-determinant in bf16 is noise); returns (...).
+    """
+    with torch.autocast(z.device.type, enabled=False):
+        z = z.float() if z.dtype != torch.float64 else z
+        b, d = z.shape[-2:]
+        if b <= d:
+            gram, size = z @ z.transpose(-1, -2), b  # ZᵀZ (..., b, b)
+        else:
+            gram, size = z.transpose(-1, -2) @ z, d  # Z Zᵀ (..., d, d)
+        identity = torch.eye(size, dtype=z.dtype, device=z.device)
+        return torch.logdet(identity + d / (b * eps_squared) * gram) / 2
+
+
+def emp_ssl_terms(z: Tensor, eps_squared: float) -> tuple[Tensor, Tensor]:
+    """EMP-SSL's two terms (Tong et al. 2023, arXiv 2304.03977 §3): the mean total coding rate of
+    the patches and their mean similarity to their image's mean embedding; the loss is
+    −(R + λ·D), the objective max 1/n Σ_i [R(Z_i) + λ D(Z_i, Z̄)] negated.
+
+    z (n, b, d): the unit embeddings of patch i = 1..n of each of the b images (Z_i, rows b).
+        R = 1/n Σ_i R(Z_i)                                  (`total_coding_rate`, over the batch)
+        D = 1/n Σ_i 1/b Σ_j cos(z_ij, z̄_j),  z̄_j = 1/n Σ_i z_ij
+    z̄ is the plain mean of the patch embeddings, not detached (the code's Similarity_Loss);
+    cos normalises it. For unit z_ij, D = 1/b Σ_j |z̄_j| and z̄_j's direction maximises
+    Σ_i cos(z_ij, ·), so detaching z̄ would not change the gradient. Returns (R, D).
+    """
+    rate = total_coding_rate(z, eps_squared).mean()
+    mean = z.mean(dim=0, keepdim=True)  # Z̄ (1, b, d)
+    invariance = F.cosine_similarity(z, mean, dim=-1).mean()
+    return rate, invariance

@@ -8,12 +8,14 @@ import torch.nn.functional as F
 
 from selfsup.losses import (
     dino_distillation,
+    emp_ssl_terms,
     info_nce,
     moco_v3_contrast,
     negative_cosine,
     non_parametric_softmax,
     nt_xent,
     regression,
+    total_coding_rate,
 )
 
 
@@ -196,3 +198,102 @@ def test_non_parametric_softmax_is_the_mean_negative_log_probability_over_the_ba
         total += -math.log(terms[index[b]] / sum(terms))
     loss = non_parametric_softmax(features, bank, index, temperature)
     assert loss.item() == pytest.approx(total / len(features), rel=1e-10)
+
+
+# ---- EMP-SSL -----------------------------------------------------------------------------------
+
+
+def coding_rate_by_the_formula(z: torch.Tensor, eps_squared: float) -> float:
+    """R(Z) = ½ log det(I_d + d/(b ε²) Z Zᵀ), Z = zᵀ (d × b): the d×d determinant, float64."""
+    zt = z.double().T  # Z (d, b)
+    d, b = zt.shape
+    matrix = torch.eye(d, dtype=torch.float64) + d / (b * eps_squared) * zt @ zt.T
+    return 0.5 * math.log(torch.det(matrix).item())
+
+
+@pytest.mark.parametrize("b, d", [(4, 6), (9, 5)])  # fewer rows than dims, and more
+def test_total_coding_rate_is_half_the_log_det_of_the_scaled_covariance(b, d):
+    generator = torch.Generator().manual_seed(b)
+    z = F.normalize(torch.randn(3, b, d, generator=generator), dim=-1)  # three Z's at once
+    rates = total_coding_rate(z, 0.2)
+    assert rates.shape == (3,)
+    for rate, one in zip(rates, z, strict=True):
+        assert rate.item() == pytest.approx(coding_rate_by_the_formula(one, 0.2), rel=1e-5)
+    # the same through the eigenvalues λ_k of ZᵀZ: R = ½ Σ_k log(1 + d/(b ε²) λ_k)
+    eigenvalues = torch.linalg.eigvalsh(z[0].double() @ z[0].double().T)
+    by_eigenvalues = 0.5 * torch.log1p(d / (b * 0.2) * eigenvalues).sum().item()
+    assert rates[0].item() == pytest.approx(by_eigenvalues, rel=1e-5)
+
+
+def test_total_coding_rate_of_orthonormal_rows_fixes_the_half_and_the_scale_d_over_b_eps_squared():
+    # b orthonormal rows: ZᵀZ = I_b, so R = b/2 · log(1 + d/(b ε²)) exactly; the usual slips give
+    # other numbers: no ½, ε instead of ε², the scale b/d or 1/ε² alone
+    b, d, eps_squared = 3, 8, 0.2
+    z = torch.eye(d)[:b] * torch.tensor([1.0, -1.0, 1.0]).view(-1, 1)
+    rate = total_coding_rate(z, eps_squared).item()
+    assert rate == pytest.approx(b / 2 * math.log(1 + d / (b * eps_squared)), rel=1e-6)
+    wrong = [
+        b * math.log(1 + d / (b * eps_squared)),  # no ½
+        b / 2 * math.log(1 + d / (b * eps_squared**0.5)),  # ε, not ε²
+        b / 2 * math.log(1 + b / (d * eps_squared)),  # b/d for d/b
+        b / 2 * math.log(1 + 1 / eps_squared),  # no d/b
+    ]
+    assert all(abs(rate - value) > 0.05 for value in wrong)
+
+
+def test_total_coding_rate_is_smallest_when_the_embeddings_collapse():
+    # unit rows that all coincide: ZᵀZ is the all-ones matrix, one eigenvalue b, so
+    # R = ½ log(1 + d/ε²), the least of any b unit vectors (trace b, log concave)
+    b, d, eps_squared = 8, 16, 0.2
+    collapsed = F.normalize(torch.ones(b, d), dim=1)
+    assert total_coding_rate(collapsed, eps_squared).item() == pytest.approx(
+        0.5 * math.log(1 + d / eps_squared), rel=1e-6
+    )
+    spread = F.normalize(torch.randn(b, d, generator=torch.Generator().manual_seed(0)), dim=1)
+    assert total_coding_rate(spread, eps_squared) > total_coding_rate(collapsed, eps_squared) + 5
+
+
+def test_total_coding_rate_runs_in_float32_under_autocast():
+    z = F.normalize(torch.randn(6, 10, generator=torch.Generator().manual_seed(1)), dim=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rate = total_coding_rate(z.bfloat16(), 0.2)
+    assert rate.dtype == torch.float32
+    assert rate.item() == pytest.approx(total_coding_rate(z.bfloat16().float(), 0.2).item())
+
+
+def test_emp_ssl_terms_are_the_mean_rate_and_mean_cosine_to_the_patch_average_over_patches():
+    # Tong et al. 2023 §3: R = 1/n Σ_i R(Z_i), D = 1/n Σ_i 1/b Σ_j cos(z_ij, z̄_j), one patch at
+    # a time; z̄_j the plain mean of image j's n patch embeddings
+    n, b, d, eps_squared = 4, 5, 7, 0.2
+    generator = torch.Generator().manual_seed(0)
+    z = F.normalize(torch.randn(n, b, d, generator=generator, dtype=torch.float64), dim=-1)
+    rate, invariance = emp_ssl_terms(z, eps_squared)
+    expected_rate = sum(coding_rate_by_the_formula(z[i], eps_squared) for i in range(n)) / n
+    total = 0.0
+    for i in range(n):
+        for j in range(b):
+            mean = sum(z[k, j] for k in range(n)) / n
+            total += float(z[i, j] @ mean / (z[i, j].norm() * mean.norm()))
+    assert rate.item() == pytest.approx(expected_rate, rel=1e-10)
+    assert invariance.item() == pytest.approx(total / (n * b), rel=1e-10)
+
+
+def test_emp_ssl_invariance_is_one_when_every_patch_of_an_image_agrees():
+    image = F.normalize(torch.randn(5, 7, generator=torch.Generator().manual_seed(2)), dim=1)
+    z = image.expand(4, 5, 7)  # n = 4 identical patches of each of b = 5 images
+    _, invariance = emp_ssl_terms(z, 0.2)
+    assert invariance.item() == pytest.approx(1.0)
+
+
+def test_emp_ssl_invariance_of_unit_patches_is_the_norm_of_their_mean_detached_or_not():
+    # For unit z_ij, Σ_i cos(z_ij, z̄_j) = n·|z̄_j|: D is the mean length of the patch means, and
+    # z̄_j's direction maximises it, so the gradient through z̄ is zero; the code's undetached z̄
+    # and a detached one train alike.
+    z = torch.randn(3, 4, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    z = F.normalize(z, dim=-1).requires_grad_()
+    _, invariance = emp_ssl_terms(z, 0.2)
+    assert invariance.item() == pytest.approx(z.mean(dim=0).norm(dim=-1).mean().item(), rel=1e-12)
+    (grad,) = torch.autograd.grad(invariance, z)
+    detached = z.detach().mean(dim=0, keepdim=True)
+    (grad_detached,) = torch.autograd.grad(F.cosine_similarity(z, detached, dim=-1).mean(), z)
+    torch.testing.assert_close(grad, grad_detached)

@@ -125,6 +125,9 @@ class MultiView:
     mean: list[float] = field(default_factory=lambda: [0.5])
     std: list[float] = field(default_factory=lambda: [0.5])
     color_space: str = "rgb"
+    # the side of whole images where every view is smaller (EMP-SSL's patches); None: the large
+    # views' side
+    image_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.color_space not in COLOR_SPACES:
@@ -135,8 +138,9 @@ class MultiView:
 
     @property
     def size(self) -> int | None:
-        """Side of the large views (None: the input's side)."""
-        return self.large[0].size
+        """Side of whole images: the evaluation input and the run's image size. The large views'
+        side unless `image_size` is set (None: the input's side)."""
+        return self.image_size or self.large[0].size
 
     def set_stats(self, mean: Sequence[float], std: Sequence[float]) -> None:
         if len(mean) != len(std) or min(std) <= 0:
@@ -176,13 +180,16 @@ class MultiView:
     def spec(self) -> dict:
         """Plain data for logs: name, the ViewSpec fields of each view, mean, std, colour space."""
         views = {"large": [asdict(v) for v in self.large], "small": [asdict(v) for v in self.small]}
+        whole = {"image_size": self.image_size} if self.image_size else {}
         return {"name": self.name, **views, "mean": self.mean, "std": self.std,
-                "color_space": self.color_space}  # fmt: skip
+                "color_space": self.color_space, **whole}  # fmt: skip
 
     def describe(self) -> str:
         lines = [f"views {self.name}: {len(self.large)} large + {len(self.small)} small"]
         if self.color_space != "rgb":
             lines[0] += f", in {self.color_space}"
+        if self.image_size:
+            lines[0] += f", of {self.image_size}-px images"
         lines += [f"  large {i}: {v.describe()}" for i, v in enumerate(self.large)]
         lines += [f"  small {i}: {v.describe()}" for i, v in enumerate(self.small)]
         return "\n".join(lines)
@@ -330,6 +337,45 @@ def dino(
     small_size = _small_size(size, small_size)
     small = _specs(num_small, blur_p=small_blur_p, size=small_size, scale=small_scale, **colour)
     return MultiView(large, small, name="dino")
+
+
+@VIEWS.register("emp_ssl")
+def emp_ssl(
+    size: int | None = 224,
+    num_views: int = 20,
+    patch_size: int | None = None,
+    scale: Sequence[float] = (0.25, 0.25),
+    ratio: Sequence[float] = (1.0, 1.0),
+    jitter: Sequence[float] = (0.4, 0.4, 0.4, 0.2),
+    jitter_p: float = 0.8,
+    grayscale_p: float = 0.2,
+    blur_p: float = 0.1,
+    solarize_p: float = 0.1,
+    flip_p: float = 0.5,
+) -> MultiView:
+    """EMP-SSL's patches (Tong et al. 2023, arXiv 2304.03977 §3; code dataset/aug.py):
+    num_views (n) fixed-size patches per image, each a random crop of a quarter of the image's
+    area (scale (0.25, 0.25), square: RandomResizedCrop(32, scale=(0.25, 0.25), ratio=(1, 1)))
+    resized to `patch_size` (None: the whole image's side, as the code), flipped, jittered
+    (0.4, 0.4, 0.4, 0.2) with p 0.8, greyed with p 0.2, blurred (σ 0.1..2) with p 0.1 and
+    solarised with p 0.1, each patch on its own. The code's ImageNet patches (aug4img.py) keep
+    RandomResizedCrop's aspect range (ratio (3/4, 4/3)) at 224 px, bicubic.
+
+    `size` is the side of whole images (evaluation, the run's image size); a smaller
+    `patch_size` (e.g. 14 px patches of 28 px images: no resizing at all) trains on the patches at
+    their own resolution, and needs `size` given.
+    """
+    if patch_size is not None and size is None:
+        raise ValueError(
+            "views.patch_size needs views.size, the side of whole images (e.g. size=28 with "
+            "patch_size=14)"
+        )
+    patches = _specs(
+        num_views, size=patch_size or size, scale=scale, ratio=ratio, jitter=jitter,
+        jitter_p=jitter_p, grayscale_p=grayscale_p, blur_p=blur_p, solarize_p=solarize_p,
+        flip_p=flip_p,
+    )  # fmt: skip
+    return MultiView(patches, name="emp_ssl", image_size=size if patch_size else None)
 
 
 @VIEWS.register("crop_flip")

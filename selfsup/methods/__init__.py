@@ -6,6 +6,7 @@ import selfsup.methods.cmc  # noqa: F401
 import selfsup.methods.cpc  # noqa: F401
 import selfsup.methods.dino  # noqa: F401
 import selfsup.methods.distill  # noqa: F401
+import selfsup.methods.emp_ssl  # noqa: F401
 import selfsup.methods.instdisc  # noqa: F401
 import selfsup.methods.invaspread  # noqa: F401
 import selfsup.methods.moco  # noqa: F401
