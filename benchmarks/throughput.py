@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 from selfsup.build import load_data
-from selfsup.config import load_config
+from selfsup.config import Config, load_config
+from selfsup.data.datasets import ImageData
 from selfsup.engine.parts import Parts
 
 
@@ -40,16 +41,30 @@ def _timed(fn, steps: int, warmup: int) -> float:  # noqa: ANN001
     return best
 
 
+def backbone_modules(method: torch.nn.Module) -> list[torch.nn.Module]:
+    """Every module of the backbone's class in `method`: the online backbone, its target copies
+    (EMA, momentum encoder), CMC's second encoder."""
+    kind = type(method.backbone)
+    return [m for m in method.modules() if type(m) is kind]
+
+
+def build(recipe: str, overrides: list[str]) -> tuple[Config, ImageData, Parts]:
+    """The config, the train split and the parts of `recipe` as training builds them, with a
+    schedule long enough for any number of benchmark steps."""
+    config = load_config(recipe, overrides)
+    data = load_data(config, "train")
+    return config, data, Parts.build(config.replace(["train.epochs=1000000"]), data)
+
+
 def backbone_calls(method: torch.nn.Module, step: Callable[[], None]) -> list[tuple]:
     """(module, input shape, gradient enabled) of every backbone call during one `step()`: calls
     of any module of the backbone's class (target copies, CMC's second encoder)."""
-    kind = type(method.backbone)
     calls: list[tuple] = []
 
     def record(module: torch.nn.Module, args: tuple) -> None:
         calls.append((module, tuple(args[0].shape), torch.is_grad_enabled()))
 
-    hooks = [m.register_forward_pre_hook(record) for m in method.modules() if type(m) is kind]
+    hooks = [m.register_forward_pre_hook(record) for m in backbone_modules(method)]
     try:
         step()
     finally:
@@ -62,8 +77,7 @@ def measure(
     recipe: str, overrides: list[str], steps: int, warmup: int, step_only: bool = False
 ) -> dict[str, Any]:
     """img/s, efficiency, augment share and backbone work of `recipe` (img/s only: `step_only`)."""
-    config = load_config(recipe, overrides)
-    parts = Parts.build(config.replace(["train.epochs=1000000"]), load_data(config, "train"))
+    config, _, parts = build(recipe, overrides)
     method, device, memory_format = parts.method.train(), parts.device, parts.memory_format
     counter = iter(range(10**9))
 

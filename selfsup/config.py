@@ -83,7 +83,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:1 | mps
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | fp32 | bf16 | fp16
     channels_last: bool = True  # ~1.35x faster convolutions on CPU
-    compile: bool = False  # torch.compile the backbone (~1.5x on CPU after ~60 s of compiling)
+    compile: bool = False  # torch.compile the backbone; off: no faster on CPU (docs/benchmarks.md)
     # under torchrun: BatchNorm over the global batch of all processes (SimCLR §2.2 "Global BN")
     # instead of each process's part; torch's SyncBatchNorm on CUDA, selfsup.dist's on CPU
     sync_bn: bool = False
