@@ -22,6 +22,7 @@ from selfsup.data.selection import SELECTION_KEYS, check_selection
 from selfsup.methods.base import SUPPLIED
 from selfsup.params import (
     BELOW_ONE,
+    FINITE_POSITIVE,
     FRACTION,
     GROUP_LIMITS,
     NON_NEGATIVE,
@@ -133,8 +134,8 @@ LIMITS: dict[type, dict[str, Limit]] = {
         "lars_eta": POSITIVE,
     },
     TrainConfig: {
-        "epochs": POSITIVE,
-        "budget_minutes": POSITIVE,
+        "epochs": FINITE_POSITIVE,
+        "budget_minutes": FINITE_POSITIVE,
         "max_steps": POSITIVE,
         "accumulate": POSITIVE,
         "threads": POSITIVE,

@@ -18,6 +18,8 @@ from typing import Any
 
 Limit = tuple[Callable[[Any], bool], str]  # (does a value pass, the allowed values in words)
 POSITIVE: Limit = (lambda v: v > 0, "> 0")
+# a length of training: infinity would be a run that never ends (and no step count)
+FINITE_POSITIVE: Limit = (lambda v: 0 < v < float("inf"), "> 0 and finite")
 NON_NEGATIVE: Limit = (lambda v: v >= 0, ">= 0")
 AT_LEAST_ONE: Limit = (lambda v: v >= 1, ">= 1")
 UNIT: Limit = (lambda v: 0 <= v <= 1, "in [0, 1]")

@@ -157,3 +157,9 @@ def test_a_dotted_override_sets_one_field_of_a_parameter_group():
     assert config.optim.groups["backbone.layer4"].lr == 0.01
     assert config.optim.groups["predictor"].frozen_epochs == 1
     assert "groups" not in raw["optim"]  # the recipe's own dict is left as it was
+
+
+@pytest.mark.parametrize("key", ["train.epochs", "train.budget_minutes"])
+def test_an_endless_training_length_is_refused_when_the_config_is_read(key):
+    with pytest.raises(ValueError, match=f"'{key}' must be > 0 and finite, got inf"):
+        load_config("simclr/fashion_mnist", [f"{key}=.inf"])
