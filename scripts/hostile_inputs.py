@@ -30,6 +30,12 @@ from PIL import Image
 
 TIMEOUT_S = 120
 MEMORY_BYTES = 6 * 2**30
+# Holds a folder's lock (files.hold_folder) until its stdin closes: when this script ends.
+HOLDER = (
+    "import sys\nfrom selfsup.files import hold_folder\nwith hold_folder(sys.argv[1]):\n"
+    "    print('held', flush=True)\n    sys.stdin.read()"
+)
+HOLDERS: list[subprocess.Popen] = []  # the live holders, kept so that their stdin stays open
 TINY = [
     "views.size=16", "backbone.width=0.125", "optim.batch_size=16", "train.max_steps=2",
     "train.progress=false",
@@ -65,7 +71,8 @@ def run_case(case: Case, cwd: Path) -> tuple[str, str]:
     except subprocess.TimeoutExpired:
         return "runaway", f"still running after {TIMEOUT_S} s"
     lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
-    shown = lines[-1] if lines else ""
+    said = [line for line in done.stdout.strip().splitlines() if line.strip()]
+    shown = lines[-1] if lines else (said[-1] if said else "")
     if "Traceback" in done.stderr or done.returncode not in (0, 2):
         return ("runaway" if "MemoryError" in done.stderr else "traceback"), shown
     if done.returncode == 2:
@@ -102,6 +109,14 @@ def _checkpoints(root: Path, run: Path, other: Path) -> dict[str, Path]:
         (copy / "checkpoints" / "last.pt").write_bytes(content)
         runs[what] = copy
     return runs
+
+
+def _hold(folder: Path) -> subprocess.Popen:
+    """Another process that holds the lock of `folder`, once it says so."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    holder.stdout.readline()
+    return holder
 
 
 def _png(path: Path, array: np.ndarray) -> None:
@@ -235,6 +250,17 @@ def cases(root: Path) -> list[Case]:
         for command in (["eval", "knn"], ["train", "--resume"]):
             found.append(Case("run folder", f"{what}: {' '.join(command)}", [*command, str(path)],
                               "error"))  # fmt: skip
+    busy, killed = root / "busy_run", root / "killed_run"
+    shutil.copytree(good, busy)
+    shutil.copytree(good, killed)
+    HOLDERS.append(_hold(busy))
+    stale = _hold(killed)
+    stale.kill()  # SIGKILL: its .lock stays behind, unlocked
+    stale.wait()
+    found.append(Case("run folder", "train --resume while another process trains it",
+                      ["train", "--resume", str(busy)], "error"))  # fmt: skip
+    found.append(Case("run folder", "train --resume after its trainer was killed with kill -9",
+                      ["train", "--resume", str(killed)], "accept"))  # fmt: skip
     blocker = root / "results.txt"
     blocker.write_text("a file where an output folder should go")
     for what, args in {
@@ -246,6 +272,19 @@ def cases(root: Path) -> list[Case]:
         "momentum --out is a file": ["momentum", "simclr/fashion_mnist", "--out", str(blocker)],
     }.items():  # fmt: skip
         found.append(Case("output folder", what, args, "error"))
+    taken = root / "taken"
+    (taken / "features.npy").mkdir(parents=True)
+    embed = ["embed", str(good), "synthetic:test", "-o"]
+    outputs = {
+        "embed -o a folder": ([*embed, str(root)], "accept"),
+        "embed -o . (wrote a hidden ..npy before)": ([*embed, "."], "accept"),
+        "export -o a folder": (["export", str(good), "-o", str(root)], "accept"),
+        "report -o a folder": (["report", str(good), "-o", str(root)], "accept"),
+        "stages --chart a folder": (["stages", str(good), "--chart", str(root)], "accept"),
+        "embed -o a folder whose features.npy is a folder": ([*embed, str(taken)], "error"),
+    }
+    for what, (args, expect) in outputs.items():
+        found.append(Case("output file", what, args, expect))
     return found
 
 

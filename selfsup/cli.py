@@ -13,6 +13,7 @@ from typing import Any
 from selfsup.config import recipe_names, recipe_summary
 from selfsup.engine.collapse import CollapseError
 from selfsup.engine.log import format_duration
+from selfsup.files import output_file
 from selfsup.registry import METHODS
 from selfsup.studies.demo import DEMO_MINUTES, DEMO_RECIPE, EVAL_RESERVE_MINUTES
 
@@ -102,13 +103,13 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("embed", help="write encoder features of images or a dataset to .npy")
     p.add_argument("run_dir")
     p.add_argument("images", help="a folder of images, or a dataset name[:split]")
-    p.add_argument("-o", "--output", required=True, help="output .npy file")
+    p.add_argument("-o", "--output", required=True, help="output .npy file, or a folder for it")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_embed)
 
     p = sub.add_parser("export", help="write the encoder weights as a plain state dict")
     p.add_argument("run_dir")
-    p.add_argument("-o", "--output", help="output file (default RUN_DIR/encoder.pt)")
+    p.add_argument("-o", "--output", help="output file or folder (default RUN_DIR/encoder.pt)")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("stats", help="feature statistics of a run's encoder on a split")
@@ -124,7 +125,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--data", metavar="NAME", help="transfer: probe on this dataset (e.g. digits)")
     p.add_argument("--knn", action="store_true", help="a kNN probe per stage too")
-    p.add_argument("--chart", help="PNG of linear top-1 per stage (default RUN_DIR/stages.png)")
+    p.add_argument(
+        "--chart", help="PNG file or folder of linear top-1 per stage (default RUN_DIR/stages.png)"
+    )
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_stages)
 
@@ -138,7 +141,9 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="one self-contained HTML page about runs (figures inside)")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    p.add_argument("-o", "--output", default="report.html", help="(default: report.html)")
+    p.add_argument(
+        "-o", "--output", default="report.html", help="file or folder (default: report.html)"
+    )
     p.add_argument("--map-images", type=int, default=1000, help="test images mapped (1000)")
     p.add_argument("--bank-images", type=int, default=2000, help="train images searched (2000)")
     p.add_argument("--queries", type=int, default=6, help="test images retrieved for (6)")
@@ -262,15 +267,17 @@ def _eval(args: argparse.Namespace) -> int:
 def _embed(args: argparse.Namespace) -> int:
     from selfsup.eval.protocols import embed
 
-    array = embed(args.run_dir, args.images, args.output, device=args.device)
-    print(f"wrote {args.output}: {array.shape[0]} x {array.shape[1]} float32")
+    output = output_file(args.output, "features.npy", "--output")
+    array = embed(args.run_dir, args.images, output, device=args.device)
+    print(f"wrote {output}: {array.shape[0]} x {array.shape[1]} float32")
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
     from selfsup.eval.protocols import export
 
-    print(f"wrote {export(args.run_dir, args.output)}")
+    output = output_file(args.output, "encoder.pt", "--output") if args.output else None
+    print(f"wrote {export(args.run_dir, output)}")
     return 0
 
 
@@ -343,10 +350,11 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def _stages(args: argparse.Namespace) -> int:
-    from selfsup.eval.stages import compare_stages
+    from selfsup.eval.stages import chart_name, compare_stages
 
     protocols = ["linear", "knn"] if args.knn else ["linear"]
-    tables, chart = compare_stages(args.run_dirs, args.data, protocols, args.device, args.chart)
+    chart = output_file(args.chart, chart_name(args.data), "--chart") if args.chart else None
+    tables, chart = compare_stages(args.run_dirs, args.data, protocols, args.device, chart)
     print(tables)
     print(f"chart: {chart}")
     return 0
@@ -374,7 +382,8 @@ def _report(args: argparse.Namespace) -> int:
     settings = Settings(
         args.map_images, args.bank_images, args.queries, args.neighbours, args.seed, args.device
     )
-    print(f"report: {write_report(args.run_dirs, args.output, settings)}")
+    output = output_file(args.output, "report.html", "--output")
+    print(f"report: {write_report(args.run_dirs, output, settings)}")
     return 0
 
 

@@ -1,17 +1,24 @@
 """The files a run writes: verified, atomic checkpoints (a crash mid-write never leaves a torn
-`last.pt`, a damaged one is detected on load and the previous one used) and the JSON-lines
-metrics log (a line torn by a kill loses nothing before it)."""
+`last.pt`, a damaged one is detected on load and the previous one used), the JSON-lines metrics
+log (a line torn by a kill loses nothing before it), the claim of a new folder and the lock of a
+folder in use (two processes never share one), and output paths given as folders."""
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import io
 import json
 import logging
 import os
 import pickle
+import socket
+import tempfile
+import time
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +56,75 @@ def _blocking_file(path: Path) -> Path:
         if part.exists() and not part.is_dir():
             return part
     return path
+
+
+def output_file(output: str | Path, default_name: str, option: str) -> Path:
+    """The file an output option names: `output` itself, or `default_name` inside it when it is
+    a folder (an existing one, or one written with a trailing slash: made here). Its folder is
+    made; a ValueError naming `option` when that cannot be done or the file would be a folder."""
+    path = Path(output)
+    if path.is_dir() or str(output).endswith(("/", os.sep)):
+        path = make_folder(path, option) / default_name
+    if path.is_dir():
+        raise ValueError(f"{option}: {path} is a folder, not a file; give the file to write")
+    make_folder(path.parent, option)
+    return path
+
+
+def create_exclusive(path: Path, text: str) -> bool:
+    """Write `text` to `path` unless it exists: True for the one process of many that creates it.
+    The text goes to a temporary file that is then hard-linked to `path`; the link is atomic and
+    fails where `path` exists, so no reader ever sees `path` half written."""
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as f:
+            f.write(text)
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(tmp)
+
+
+class FolderInUseError(ValueError):
+    """A folder that a live process holds (`hold_folder`)."""
+
+
+LOCK_FILE = ".lock"
+
+
+@contextmanager
+def hold_folder(folder: str | Path, label: str = "run folder", way_out: str = "") -> Iterator[None]:
+    """Hold the lock of `folder` (an flock on <folder>/.lock, which names the holder) until the
+    block ends. The kernel releases it when its process ends, even by kill -9: a lock file left
+    behind is then free and taken over. A held one raises FolderInUseError naming the holder;
+    `label` names the folder in that message and `way_out` adds another fix."""
+    path = Path(folder) / LOCK_FILE
+    handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(handle, 200, 0).decode(errors="replace").strip()
+            raise FolderInUseError(
+                f"{label} {folder} is in use by {holder or 'another process'}; wait for it to "
+                f"finish or stop it{way_out}"
+            ) from None
+        except OSError as error:  # a file system without locks: go on, unguarded
+            logger.warning(
+                f"selfsup: warning: cannot lock {path} ({error.strerror}); nothing stops a second "
+                f"process from using {folder} at the same time"
+            )
+        since = time.strftime("%Y-%m-%d %H:%M:%S")
+        holder = f"process {os.getpid()} on {socket.gethostname()} (since {since})\n"
+        os.ftruncate(handle, 0)
+        os.pwrite(handle, holder.encode(), 0)
+        yield
+    finally:
+        # closing releases the lock; the file stays, as deleting it would let a process that
+        # opened it before the deletion and one that creates it anew both hold "the" lock
+        os.close(handle)
 
 
 def save_atomic(state: dict[str, Any], path: Path, previous: Path | None = None) -> None:

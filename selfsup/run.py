@@ -10,10 +10,12 @@
                            named (fine-tuning, distillation): the run rebuilds without them
 <run>/labelled.json        train.label_fraction's class-balanced subset (semi-supervised)
 <run>/eval.json, stats.json, stages.json, gradients.json   what the evaluations measured
+<run>/.lock                the process training it (files.hold_folder: no second one resumes it)
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from functools import cached_property
@@ -25,6 +27,7 @@ import yaml
 from selfsup.build import FROM_RUNS, build_method, build_views, copy_run_files, read_run_files
 from selfsup.config import Config
 from selfsup.files import (
+    create_exclusive,
     load_checkpoint,
     load_weights,
     make_folder,
@@ -45,17 +48,23 @@ class Run:
 
     @classmethod
     def create(cls, config: Config, info: dict[str, Any]) -> Run:
+        """The new run folder of `config`, claimed by writing its config.yaml (create_exclusive):
+        of processes started together, each gets its own. An automatic name that another run
+        took first gets a suffix (-2, -3, ...); a train.name that exists is an error."""
         name = config.train.name or (
             f"{config.method['name']}-{config.data['name']}-{time.strftime('%Y%m%d-%H%M%S')}"
         )
-        path = Path(config.train.out_dir) / name
-        if (path / "config.yaml").exists():
-            raise FileExistsError(
-                f"run folder {path} exists; continue it with `selfsup train --resume {path}` "
-                f"or choose another train.name"
-            )
-        make_folder(path, "train.name")  # train.out_dir itself was made when training began
-        (path / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        text = yaml.safe_dump(config.to_dict(), sort_keys=False)
+        for number in itertools.count(1):
+            path = Path(config.train.out_dir) / (name if number == 1 else f"{name}-{number}")
+            make_folder(path, "train.name")  # train.out_dir itself was made when training began
+            if create_exclusive(path / "config.yaml", text):
+                break
+            if config.train.name:
+                raise FileExistsError(
+                    f"run folder {path} exists; continue it with `selfsup train --resume {path}` "
+                    f"or choose another train.name"
+                )
         (path / "data.json").write_text(json.dumps(info, indent=1))
         for key, _ in FROM_RUNS.values():  # what rebuilds the runs it starts from
             if getattr(config.train, key) is not None:

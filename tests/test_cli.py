@@ -5,7 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import selfsup
 from selfsup.cli import main
+from selfsup.config import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,3 +91,37 @@ def test_demo_fills_its_time_budget_and_says_how_to_replay_it(tiny_config, tmp_p
     assert "raw pixels" in out and "simclr" in out
     assert main(["demo", "--recipe", str(recipe), "--minutes", "2"]) == 2
     assert "leaves no time to pre-train" in capsys.readouterr().err
+
+
+def test_an_output_option_given_a_folder_writes_the_default_name_inside_it(
+    tiny_config, tmp_path, capsys, monkeypatch
+):
+    tiny_config["train"].update(epochs=1, max_steps=1, knn_every=0, collapse_guard=False)
+    tiny_config["eval"].update(linear_epochs=2, linear_weight_decay=1e-4)
+    run = str(selfsup.train(resolve(tiny_config)).path)
+    small = ["--map-images", "40", "--bank-images", "40", "--queries", "2", "--neighbours", "2"]
+    commands = {
+        "features.npy": ["embed", run, "synthetic:test", "-o"],
+        "encoder.pt": ["export", run, "-o"],
+        "report.html": ["report", run, *small, "-o"],
+        "stages.png": ["stages", run, "--chart"],
+    }
+    for name, command in commands.items():
+        out = tmp_path / f"{command[0]}-out"
+        out.mkdir()
+        assert main([*command, str(out)]) == 0, name
+        assert f"{out / name}" in capsys.readouterr().out  # it says where it wrote
+        assert os.listdir(out) == [name]  # that file, and no dot-file
+    fresh = tmp_path / "new"  # a folder to make, named with a trailing slash
+    assert main(["export", run, "-o", f"{fresh}/"]) == 0
+    assert os.listdir(fresh) == ["encoder.pt"]
+    monkeypatch.chdir(tmp_path / "embed-out")  # `-o .`, the case that wrote a hidden `..npy`
+    (tmp_path / "embed-out" / "features.npy").unlink()
+    assert main(["embed", run, "synthetic:test", "-o", "."]) == 0
+    assert "wrote features.npy: " in capsys.readouterr().out
+    assert os.listdir(".") == ["features.npy"]
+    os.replace("features.npy", "taken")
+    os.mkdir("features.npy")  # the default name is a folder: one line, nothing written
+    assert main(["embed", run, "synthetic:test", "-o", "."]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--output: features.npy is a folder, not a file" in err

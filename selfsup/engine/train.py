@@ -7,6 +7,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -24,10 +25,12 @@ from selfsup.engine.collapse import CollapseError, CollapseGuard
 from selfsup.engine.log import MetricWindow, ProgressBar
 from selfsup.engine.monitor import GradientMonitor, KnnMonitor
 from selfsup.engine.parts import Parts
-from selfsup.files import MetricsLog, make_folder, save_checkpoint
+from selfsup.files import MetricsLog, hold_folder, make_folder, save_checkpoint
 from selfsup.methods.base import Method
 from selfsup.plot import plot_curves
 from selfsup.run import Run
+
+FIXED_ON_RESUME = ("method", "backbone", "data", "views", "optim")  # what the checkpoint holds
 
 
 def finetune(
@@ -49,25 +52,25 @@ def train(
     dotted `section.key=value` strings (on resume only train.* and eval.* keys may change).
 
     Under torchrun (WORLD_SIZE > 1) every process trains its 1/W of each global batch
-    (optim.batch_size) with DistributedDataParallel; rank 0 alone writes the run folder, logs,
-    checks and plots. A run resumes on any number of processes.
+    (optim.batch_size) with DistributedDataParallel; rank 0 alone locks (files.hold_folder) and
+    writes the run folder, logs, checks and plots. A run resumes on any number of processes.
     """
-    with dist.process_group_from_env():
-        return _train(config, overrides, resume)
+    with dist.process_group_from_env(), ExitStack() as held:
+        return _train(config, overrides, resume, held)
 
 
 def _train(
-    config: Config | str | Path | None, overrides: list[str] | None, resume: str | Path | None
+    config: Config | str | Path | None,
+    overrides: list[str] | None,
+    resume: str | Path | None,
+    held: ExitStack,
 ) -> Run:
     main = dist.process_rank() == 0  # the process that writes the run folder
     if resume is not None:
         run = Run(resume)
+        dist.from_rank0(lambda: held.enter_context(hold_folder(run.path)))
         config = run.config.replace(overrides or [])
-        changed = {
-            k
-            for k in ("method", "backbone", "data", "views", "optim")
-            if getattr(config, k) != getattr(run.config, k)
-        }
+        changed = {k for k in FIXED_ON_RESUME if getattr(config, k) != getattr(run.config, k)}
         if changed:
             raise ValueError(f"on resume only train.* and eval.* may change, not {sorted(changed)}")
         if config.train.target != run.config.train.target:  # its checkpoint holds another branch
@@ -105,6 +108,7 @@ def _train(
 
         def create() -> Path:
             run = Run.create(config, parts.info)
+            held.enter_context(hold_folder(run.path))
             if labelled is not None:
                 save_labelled(run.path, settings.label_fraction, settings.seed, labelled)
             return run.path
@@ -241,10 +245,6 @@ def _due(step: int, steps_per_epoch: int, every: float, last_step: int) -> bool:
 
 
 def _describe(config: Config, method: Method) -> dict[str, Any]:
-    return {
-        "parameters": sum(p.numel() for p in method.parameters() if p.requires_grad),
-        "method": config.method["name"],
-        "backbone": config.backbone["name"],
-        "data": config.data["name"],
-        "processes": dist.processes(),
-    }
+    parameters = sum(p.numel() for p in method.parameters() if p.requires_grad)
+    names = {key: getattr(config, key)["name"] for key in ("method", "backbone", "data")}
+    return {"parameters": parameters, **names, "processes": dist.processes()}

@@ -210,7 +210,7 @@ def embed(
 ) -> np.ndarray:
     """Encoder features of a folder of images or a dataset (`name` or `name:split`).
 
-    Writes a float32 (N, D) .npy when `output` is given; returns the array.
+    Writes a float32 (N, D) .npy file to `output` (that very path) when given; returns the array.
     """
     run = run_dir if isinstance(run_dir, Run) else Run(run_dir)
     info = run.info
@@ -239,7 +239,8 @@ def embed(
     features = extract(encoder, data.images, run.views.eval_transform, run.config.eval.batch_size)
     array = features.numpy().astype(np.float32)
     if output is not None:
-        np.save(output, array)
+        with open(output, "wb") as f:  # np.save of a path would add .npy to a name without it
+            np.save(f, array)
     return array
 
 

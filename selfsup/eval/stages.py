@@ -194,6 +194,11 @@ def stage_table(results: dict[str, list[dict[str, Any]]], key: str = "linear_top
     return "\n".join(lines)
 
 
+def chart_name(data: str | None = None) -> str:
+    """The file name of the stages chart: stages.png, or stages-<data>.png for a transfer."""
+    return f"stages-{data}.png" if data else "stages.png"
+
+
 def compare_stages(
     run_dirs: list[str | Path],
     data: str | None = None,
@@ -215,8 +220,7 @@ def compare_stages(
     tables = [
         f"{p}_top1 (%) per stage{where}\n{stage_table(results, f'{p}_top1')}" for p in protocols
     ]
-    suffix = f"-{data}" if data else ""
-    path = Path(chart) if chart is not None else Path(run_dirs[0]) / f"stages{suffix}.png"
+    path = Path(chart) if chart is not None else Path(run_dirs[0]) / chart_name(data)
     key = f"{protocols[0]}_top1"  # linear, unless only kNN was asked for
     lines = {label: [(r["stage"], r[key]) for r in rows] for label, rows in results.items()}
     ylabel = f"{protocols[0]} top-1 (%)"

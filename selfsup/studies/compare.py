@@ -25,9 +25,15 @@ from typing import Any
 from selfsup.config import Config, load_config
 from selfsup.engine.log import format_duration
 from selfsup.eval.protocols import pixel_baselines
-from selfsup.files import make_folder
 from selfsup.plot import plot_series
-from selfsup.studies.runs import ACCURACIES, collapsed_row, probed, slug, trained
+from selfsup.studies.runs import (
+    ACCURACIES,
+    collapsed_row,
+    probed,
+    slug,
+    study_folder,
+    trained,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -53,29 +59,29 @@ def compare(
         raise ValueError(f"--seeds must be distinct integers, got {list(seeds)}")
     configs = {recipe: load_config(recipe, list(overrides)) for recipe in dict.fromkeys(recipes)}
     _check_shared(configs)
-    out = make_folder(out, "--out")
-    jobs = [(recipe, seed) for recipe in configs for seed in seeds]
-    runs = []
-    for number, (recipe, seed) in enumerate(jobs, 1):
-        logger.info(f"[{number}/{len(jobs)}] {recipe} seed {seed}")
-        runs.append(_run(configs[recipe], recipe, seed, minutes, out))
-    first = next(iter(configs.values()))
-    pixels = _pixels(first, out)
-    table = {
-        "minutes": minutes,
-        "seeds": list(seeds),
-        "overrides": list(overrides),
-        "data": first.data,
-        "backbone": first.backbone,
-        "rows": [
-            _summary(recipe, [r for r in runs if r["recipe"] == recipe]) for recipe in configs
-        ],
-        "pixels": pixels,
-        "runs": runs,
-    }
-    (out / "compare.json").write_text(json.dumps(table, indent=1))
-    (out / "compare.md").write_text(markdown(table) + "\n")
-    _chart(runs, out / "compare.png", minutes)
+    with study_folder(out) as out:
+        jobs = [(recipe, seed) for recipe in configs for seed in seeds]
+        runs = []
+        for number, (recipe, seed) in enumerate(jobs, 1):
+            logger.info(f"[{number}/{len(jobs)}] {recipe} seed {seed}")
+            runs.append(_run(configs[recipe], recipe, seed, minutes, out))
+        first = next(iter(configs.values()))
+        pixels = _pixels(first, out)
+        table = {
+            "minutes": minutes,
+            "seeds": list(seeds),
+            "overrides": list(overrides),
+            "data": first.data,
+            "backbone": first.backbone,
+            "rows": [
+                _summary(recipe, [r for r in runs if r["recipe"] == recipe]) for recipe in configs
+            ],
+            "pixels": pixels,
+            "runs": runs,
+        }
+        (out / "compare.json").write_text(json.dumps(table, indent=1))
+        (out / "compare.md").write_text(markdown(table) + "\n")
+        _chart(runs, out / "compare.png", minutes)
     return table
 
 

@@ -42,10 +42,16 @@ from selfsup.config import (
 )
 from selfsup.data.selection import SELECTION_KEYS, describe
 from selfsup.eval.protocols import PROTOCOLS, evaluate, stored_results
-from selfsup.files import make_folder
 from selfsup.registry import METHODS
 from selfsup.run import Run
-from selfsup.studies.runs import collapsed_row, describe_length, length_overrides, slug, trained
+from selfsup.studies.runs import (
+    collapsed_row,
+    describe_length,
+    length_overrides,
+    slug,
+    study_folder,
+    trained,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -117,37 +123,37 @@ def semantic_gap(
                 f"recipe's data and backbone)"
             )
     baseline = _supervised_config(config, supervised, overrides)
-    out = make_folder(out, "--out")
-    rows = []
-    for number, size in enumerate(sizes, 1):
-        data = [f"data.classes={pre}", *([f"data.fraction={size}"] if size < 1 else [])]
-        row: dict[str, Any] = {"size": size}
-        for role, name, base in (("ssl", recipe, config), ("supervised", supervised, baseline)):
-            logger.info(f"[{number}/{len(sizes)}] size {size:g}: {name}")
-            wanted = base.replace([*data, f"train.seed={seed}", *lengths])
-            run = trained(wanted, out / f"{slug(name)}-size{size:g}-seed{seed}", minutes)
-            row["images"] = run.info["train_size"]  # the same images for both: same data, seed
-            row[role] = _probed(run, config.data, {"eval": eval_d, "pre": pre}, device)
-        rows.append(row)
-    names = test.classes or [str(c) for c in range(test.num_classes)]
-    table = {
-        "recipe": recipe,
-        "supervised": supervised,
-        "data": config.data,
-        "backbone": config.backbone,
-        "pre_classes": pre,
-        "eval_classes": eval_d,
-        "pre_names": [names[c] for c in pre],
-        "eval_names": [names[c] for c in eval_d],
-        "seed": seed,
-        "epochs": epochs,
-        "minutes": minutes,
-        "overrides": list(overrides),
-        "rows": rows,
-        "gain": _gain(rows),
-    }
-    (out / "gap.json").write_text(json.dumps(table, indent=1))
-    (out / "gap.md").write_text(markdown(table) + "\n")
+    with study_folder(out) as out:
+        rows = []
+        for number, size in enumerate(sizes, 1):
+            data = [f"data.classes={pre}", *([f"data.fraction={size}"] if size < 1 else [])]
+            row: dict[str, Any] = {"size": size}
+            for role, name, base in (("ssl", recipe, config), ("supervised", supervised, baseline)):
+                logger.info(f"[{number}/{len(sizes)}] size {size:g}: {name}")
+                wanted = base.replace([*data, f"train.seed={seed}", *lengths])
+                run = trained(wanted, out / f"{slug(name)}-size{size:g}-seed{seed}", minutes)
+                row["images"] = run.info["train_size"]  # the same images for both: same data, seed
+                row[role] = _probed(run, config.data, {"eval": eval_d, "pre": pre}, device)
+            rows.append(row)
+        names = test.classes or [str(c) for c in range(test.num_classes)]
+        table = {
+            "recipe": recipe,
+            "supervised": supervised,
+            "data": config.data,
+            "backbone": config.backbone,
+            "pre_classes": pre,
+            "eval_classes": eval_d,
+            "pre_names": [names[c] for c in pre],
+            "eval_names": [names[c] for c in eval_d],
+            "seed": seed,
+            "epochs": epochs,
+            "minutes": minutes,
+            "overrides": list(overrides),
+            "rows": rows,
+            "gain": _gain(rows),
+        }
+        (out / "gap.json").write_text(json.dumps(table, indent=1))
+        (out / "gap.md").write_text(markdown(table) + "\n")
     return table
 
 

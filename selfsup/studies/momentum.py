@@ -32,7 +32,6 @@ from typing import Any
 
 from selfsup.config import Config, load_config, target_settings
 from selfsup.eval.gradients import gradient_decomposition
-from selfsup.files import make_folder
 from selfsup.methods import with_gradient_terms
 from selfsup.studies.runs import (
     ACCURACIES,
@@ -41,6 +40,7 @@ from selfsup.studies.runs import (
     length_overrides,
     probed,
     slug,
+    study_folder,
     trained,
 )
 
@@ -69,25 +69,25 @@ def momentum_experiment(
     if batches < 1:
         raise ValueError(f"--batches must be >= 1, got {batches}")
     configs = {recipe: _checked(recipe, overrides) for recipe in dict.fromkeys(recipes)}
-    out = make_folder(out, "--out")
-    rows = []
-    for number, (recipe, config) in enumerate(configs.items(), 1):
-        row: dict[str, Any] = {"recipe": recipe, "method": config.method["name"]}
-        for arm in ARMS:
-            logger.info(f"[{number}/{len(configs)}] {recipe}: train.target={arm}")
-            wanted = config.replace([f"train.target={arm}", f"train.seed={seed}", *lengths])
-            run = trained(wanted, out / f"{slug(recipe)}-{arm}-seed{seed}", minutes)
-            row[arm] = _measured(run, batches, device)
-        rows.append(row)
-    table = {
-        "epochs": epochs,
-        "minutes": minutes,
-        "seed": seed,
-        "overrides": list(overrides),
-        "rows": rows,
-    }
-    (out / "momentum.json").write_text(json.dumps(table, indent=1))
-    (out / "momentum.md").write_text(markdown(table) + "\n")
+    with study_folder(out) as out:
+        rows = []
+        for number, (recipe, config) in enumerate(configs.items(), 1):
+            row: dict[str, Any] = {"recipe": recipe, "method": config.method["name"]}
+            for arm in ARMS:
+                logger.info(f"[{number}/{len(configs)}] {recipe}: train.target={arm}")
+                wanted = config.replace([f"train.target={arm}", f"train.seed={seed}", *lengths])
+                run = trained(wanted, out / f"{slug(recipe)}-{arm}-seed{seed}", minutes)
+                row[arm] = _measured(run, batches, device)
+            rows.append(row)
+        table = {
+            "epochs": epochs,
+            "minutes": minutes,
+            "seed": seed,
+            "overrides": list(overrides),
+            "rows": rows,
+        }
+        (out / "momentum.json").write_text(json.dumps(table, indent=1))
+        (out / "momentum.md").write_text(markdown(table) + "\n")
     return table
 
 

@@ -1,29 +1,41 @@
 """The bookkeeping of studies that train runs into one folder (compare, the semantic-gap and
-momentum-encoder experiments): a run is reused when finished, resumed when interrupted, refused
-when trained with other settings; its kNN and linear results are read where stored."""
+momentum-encoder experiments): the folder is held by one study at a time; a run is reused when
+finished, resumed when interrupted, refused when trained with other settings; its kNN and linear
+results are read where stored."""
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from selfsup.config import Config
 from selfsup.engine.budget import scale_schedules
 from selfsup.engine.collapse import CollapseError
-from selfsup.engine.train import train
+from selfsup.engine.train import FIXED_ON_RESUME, train
 from selfsup.eval.protocols import evaluate, stored_results
+from selfsup.files import hold_folder, make_folder
 from selfsup.run import Run
 
 logger = logging.getLogger(__name__)
 
 ACCURACIES = ("knn_top1", "linear_top1")
-# The sections of a reused run that must match the recipe as it resolves now.
-FIXED = ("method", "backbone", "data", "views", "optim")
+# The sections of a reused run that must match the recipe as it resolves now: those a resume keeps.
+FIXED = FIXED_ON_RESUME
 # ... and the train.* keys that change what is trained (the target branch: arXiv 2112.05141 Table 2)
 FIXED_TRAIN = ("target", "target_momentum")
+
+
+@contextmanager
+def study_folder(out: str | Path) -> Iterator[Path]:
+    """The study's `out` folder, made and held (files.hold_folder) until the block ends: a
+    second study pointed at it stops with one line naming the first."""
+    out = make_folder(out, "--out")
+    with hold_folder(out, "--out folder", ", or choose another --out"):
+        yield out
 
 
 def probed(run: Run, device: str = "auto") -> dict[str, Any]:
