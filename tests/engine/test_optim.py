@@ -171,3 +171,49 @@ def test_recipe_groups_are_validated_with_a_clear_error(tiny_config):
         ValueError, match="'predictor' names no trainable parameter.*backbone, head"
     ):
         build_optimizer(method, config.optim)
+
+
+def _is_norm_or_bias(group: dict) -> bool:
+    return all(p.ndim <= 1 for p in group["params"])
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw", "lars"])
+def test_norms_and_biases_stay_undecayed_through_the_whole_weight_decay_schedule(name):
+    # DINO's cosine 0.04 -> 0.4 by default, and a group with a cosine of its own
+    method = Regression({"head": Group(weight_decay=0.1, final_weight_decay=0.3)})
+    config = OptimConfig(name=name, weight_decay=0.04, final_weight_decay=0.4)
+    optimizer = build_optimizer(method, config)
+    total = 20
+    schedule = Schedule(optimizer, config, 5, total)
+    exempt = [g for g in optimizer.param_groups if _is_norm_or_bias(g)]
+    decayed = [g for g in optimizer.param_groups if not _is_norm_or_bias(g)]
+    assert {g["name"] for g in exempt} == {g["name"] for g in decayed} == {"default", "head"}
+    for step in range(total + 1):  # every step, and the schedule's end
+        schedule.apply(step)
+        for group in exempt:
+            assert group["weight_decay"] == 0.0 and not group["lars"], (step, group["name"])
+        for group in decayed:
+            start, end = (0.1, 0.3) if group["name"] == "head" else (0.04, 0.4)
+            expected = end + (start - end) * 0.5 * (1 + math.cos(math.pi * step / total))
+            assert group["weight_decay"] == pytest.approx(expected), (step, group["name"])
+            assert group["lars"]
+
+
+def test_norms_and_biases_do_not_shrink_while_the_weights_decay_on_a_cosine():
+    method = Regression()
+    for p in method.parameters():
+        p.register_hook(torch.zeros_like)  # decay is the only force
+    before = {k: p.detach().clone() for k, p in method.named_parameters()}
+    config = OptimConfig(lr=0.1, lr_scaling="none", weight_decay=0.1, final_weight_decay=0.5,
+                         warmup_epochs=0, schedule="constant", momentum=0.0)  # fmt: skip
+    total = 6
+    _steps(method, config, range(total), total=total)
+    decay = [  # wd_t: a cosine from 0.1 to 0.5 over the run
+        0.5 + (0.1 - 0.5) * 0.5 * (1 + math.cos(math.pi * step / total)) for step in range(total)
+    ]
+    shrink = math.prod(1 - 0.1 * wd for wd in decay)
+    for key, p in method.named_parameters():
+        if p.ndim <= 1:  # BN's weight and bias, the biases: all but BN's bias start non-zero
+            assert torch.equal(p, before[key]), key
+        else:  # w_t+1 = (1 − lr·wd_t) w_t
+            torch.testing.assert_close(p, before[key] * shrink, msg=key)

@@ -10,13 +10,16 @@ import torch.nn.functional as F
 from gloo import run_on_processes
 
 import selfsup.methods.swav as swav_module
+from selfsup import dist
 from selfsup.config import OptimConfig, load_config
+from selfsup.engine.accumulate import Accumulation
 from selfsup.engine.optim import Schedule, build_optimizer
 from selfsup.engine.step import Precision, training_step
 from selfsup.losses import swapped_prediction
 from selfsup.methods.swav import SwAV
 from selfsup.prototypes import Prototypes, sinkhorn
 from selfsup.step import Progress, Views
+from tests.methods.conftest import TinyBackbone
 
 SMALL = {"dim": 4, "hidden": 16, "num_prototypes": 5}
 
@@ -312,3 +315,63 @@ def test_sinkhorn_sums_over_all_processes_as_one_problem_on_the_global_batch():
     together = torch.cat([torch.tensor(outputs[r]["codes"]) for r in range(2)])
     torch.testing.assert_close(together, sinkhorn(scores, 0.05, 3))
     torch.testing.assert_close(together.double(), _codes_by_scaling(scores), rtol=1e-5, atol=1e-7)
+
+
+# The queue after training steps: each sample's projection of each large crop, once, in sample
+# order, the oldest rows overwritten first; with train.accumulate and on several processes.
+QUEUED_BATCH = 8  # the global batch of each step
+QUEUED = {**SMALL, "queue_size": 12, "queue_start_epoch": 0, "freeze_prototypes_epochs": 0}
+
+
+def _queue_after_two_steps(rank: int, world: int, micro_batches: int) -> dict:
+    """Two training steps of a queued SwAV, each on this process's 1/world of a fixed global
+    batch in `micro_batches` micro-batches: the queues' rows oldest first, and each step's
+    projections of every sample of the global batch (per large crop), computed directly with
+    the weights of that step. Eval mode: a sample's projection does not depend on its batch."""
+    torch.manual_seed(0)
+    method = SwAV(TinyBackbone(), **QUEUED).eval()
+    optimizer = torch.optim.SGD(method.parameters(), lr=0.5)
+    model = dist.data_parallel(method, torch.device("cpu"))
+    mine = slice(rank * QUEUED_BATCH // world, (rank + 1) * QUEUED_BATCH // world)
+    projections = []
+    for step in range(2):
+        views = _crops(large=2, small=1, n=QUEUED_BATCH, seed=10 + step)
+        with torch.no_grad():
+            z = [F.normalize(method.projector(method.backbone(x)), dim=1) for x in views.large]
+        projections.append([crop.tolist() for crop in z])
+        part = Views([x[mine] for x in views.large], [x[mine] for x in views.small])
+        training_step(
+            method, optimizer, part, Progress(step, step / 2, step / 4),
+            Precision("fp32", torch.device("cpu")), model=model,
+            accumulation=Accumulation(micro_batches),
+        )  # fmt: skip
+    return {
+        "queues": [q.keys.roll(-int(q.ptr), dims=0).tolist() for q in method.queues],
+        "queued": int(method.queued),
+        "projections": projections,
+    }
+
+
+def _assert_queue_holds_the_newest_rows_of_both_steps(result: dict) -> None:
+    assert result["queued"] == 12
+    for crop, queue in enumerate(result["queues"]):
+        # 16 rows pushed into 12 slots: step 0's samples 4..7, then step 1's samples 0..7
+        rows = [torch.tensor(step[crop]) for step in result["projections"]]
+        torch.testing.assert_close(torch.tensor(queue), torch.cat(rows)[-12:])
+
+
+def test_queue_takes_each_samples_rows_once_per_step_in_order_with_micro_batches():
+    _assert_queue_holds_the_newest_rows_of_both_steps(_queue_after_two_steps(0, 1, 4))
+
+
+def _queues_on_two_processes(rank: int) -> dict:
+    torch.set_num_threads(1)  # two processes on the test machine's cores
+    return {m: _queue_after_two_steps(rank, 2, m) for m in (1, 2)}
+
+
+@pytest.mark.slow  # spawns processes
+def test_queue_takes_each_samples_rows_once_per_step_in_order_on_two_processes():
+    per_process = run_on_processes(_queues_on_two_processes, 2)
+    for rank in range(2):
+        for micro_batches in (1, 2):  # alone, and with train.accumulate on each process
+            _assert_queue_holds_the_newest_rows_of_both_steps(per_process[rank][micro_batches])

@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+import selfsup.probes.linear as linear_module
 from selfsup.probes.features import extract, pixel_features
-from selfsup.probes.knn import knn, knn_predict
+from selfsup.probes.knn import accuracy, knn, knn_predict
 from selfsup.probes.linear import linear_probe
 
 
@@ -209,3 +210,26 @@ def test_pixel_features_flatten_to_unit_range():
     assert pixels.shape == (2, 36) and pixels.dtype == torch.float32
     assert pixels.min() == 0.0 and pixels.max() == 1.0
     assert pixel_features(images[:, 0]).shape == (2, 12)
+
+
+def test_the_l2_penalty_spares_the_bias_which_still_fits_the_class_shares(monkeypatch):
+    """The probe minimises mean_i CE(W x_i + b, y_i) + λ/2 ||W||². Its optimum in b solves
+    ∂/∂b = mean_i (softmax(W x_i + b) − onehot(y_i)) = 0: the predicted probabilities, averaged
+    over the training rows, equal the classes' shares, however large λ. A penalty on b too would
+    add λ·b and pull the average toward uniform."""
+    generator = torch.Generator().manual_seed(0)
+    shares = torch.tensor([0.6, 0.3, 0.1])
+    labels = torch.arange(3).repeat_interleave((shares * 200).long())
+    # the classes differ by a constant offset; λ = 10 all but flattens W
+    features = 0.5 * labels[:, None] + torch.randn(len(labels), 4, generator=generator)
+    logits = []
+
+    def recording(scores, targets):
+        logits.append(scores)
+        return accuracy(scores, targets)
+
+    monkeypatch.setattr(linear_module, "accuracy", recording)
+    linear_probe(features, labels, features, labels, weight_decay=10.0)  # test rows = train rows
+    probabilities = logits[0].softmax(dim=1)
+    assert probabilities.std(dim=0).max() < 0.05  # W ≈ 0: every row gets nearly the same
+    torch.testing.assert_close(probabilities.mean(dim=0), shares, rtol=0, atol=1e-4)
