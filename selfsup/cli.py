@@ -94,6 +94,9 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a run: its encoder (knn, linear), its classifier")
     p.add_argument("protocol", choices=["knn", "linear", "classify", "all"])
     p.add_argument("run_dir")
+    p.add_argument(
+        "overrides", nargs="*", help="eval.key=value for this evaluation, e.g. eval.knn_k=20"
+    )
     p.add_argument("--device", default="auto")
     p.add_argument(
         "--data", metavar="NAME", help="transfer: probe on this dataset's train/test (e.g. digits)"
@@ -257,7 +260,7 @@ def _eval(args: argparse.Namespace) -> int:
     if args.protocol == "all":  # and the classifier's own accuracy where there is one
         own_classes = args.data is None and hasattr(Run(args.run_dir).method, "classify")
         protocols = [*PROTOCOLS, *([CLASSIFY] if own_classes else [])]
-    results = evaluate(args.run_dir, protocols, device=args.device, data=args.data)
+    results = evaluate(args.run_dir, protocols, args.device, args.data, args.overrides)
     for key, value in results.items():
         shown = f"{value:g}" if key.endswith("weight_decay") else f"{value:6.2f}"
         print(f"{key:20s} {shown}")

@@ -125,3 +125,26 @@ def test_an_output_option_given_a_folder_writes_the_default_name_inside_it(
     assert main(["embed", run, "synthetic:test", "-o", "."]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--output: features.npy is a folder, not a file" in err
+
+
+def test_eval_takes_eval_overrides_for_this_evaluation_only(tiny_config, capsys):
+    import torch
+
+    from selfsup.eval.protocols import _splits
+    from selfsup.probes.features import extract
+
+    tiny_config["train"].update(epochs=1, knn_every=0, max_steps=3)
+    run = selfsup.train(resolve(tiny_config))
+    assert main(["eval", "knn", str(run.path), "eval.knn_k=1"]) == 0
+    printed = dict(line.split() for line in capsys.readouterr().out.splitlines())
+    # k = 1: each test image takes the label of its most cosine-similar training image
+    train, test = _splits(run.config)
+    features = [extract(run.encoder, d.images, run.views.eval_transform) for d in (train, test)]
+    unit = [torch.nn.functional.normalize(f, dim=1) for f in features]
+    nearest = train.labels[(unit[1] @ unit[0].T).argmax(1)]
+    expected = 100 * (nearest == test.labels).float().mean().item()
+    assert abs(float(printed["knn_top1"]) - expected) < 0.01
+    assert run.config.eval.knn_k == 20  # the run's own setting is unchanged
+    assert run.metrics[-1]["overrides"] == ["eval.knn_k=1"]
+    assert main(["eval", "knn", str(run.path), "optim.lr=1"]) == 2
+    assert "eval.* overrides only" in capsys.readouterr().err

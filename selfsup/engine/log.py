@@ -25,6 +25,18 @@ def format_duration(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
 
 
+def resumed_from(
+    step: int, last_step: int, steps_per_epoch: int, saved_at: float | None = None
+) -> str:
+    """Where a resumed run goes on: "resumed from step 4,120 of 9,360 (epoch 2.64), checkpoint
+    of 2026-12-06 12:03:11" (`saved_at`: when the checkpoint was written, seconds since 1970;
+    checkpoints of versions before 2026-12-06 did not record it)."""
+    where = f"resumed from step {step:,} of {last_step:,} (epoch {step / steps_per_epoch:.2f})"
+    if saved_at is None:
+        return where
+    return f"{where}, checkpoint of {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(saved_at))}"
+
+
 class ProgressBar:
     """One redrawn line on a terminal; a line every `every` seconds when stderr is a file."""
 

@@ -4,6 +4,7 @@ precision (engine/step.py), the length a time budget buys (engine/budget.py), th
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 import time
@@ -22,7 +23,7 @@ from selfsup.data.subsets import labelled_indices, save_labelled, subset
 from selfsup.engine.budget import fit_budget
 from selfsup.engine.clock import TrainingClock
 from selfsup.engine.collapse import CollapseError, CollapseGuard
-from selfsup.engine.log import MetricWindow, ProgressBar
+from selfsup.engine.log import MetricWindow, ProgressBar, resumed_from
 from selfsup.engine.monitor import GradientMonitor, KnnMonitor
 from selfsup.engine.parts import Parts
 from selfsup.files import MetricsLog, hold_folder, make_folder, save_checkpoint
@@ -30,6 +31,7 @@ from selfsup.methods.base import Method
 from selfsup.plot import plot_curves
 from selfsup.run import Run
 
+logger = logging.getLogger(__name__)
 FIXED_ON_RESUME = ("method", "backbone", "data", "views", "optim")  # what the checkpoint holds
 
 
@@ -132,6 +134,10 @@ def _train(
         seconds_before = checkpoint.get("seconds", 0.0)
         if main:
             log.truncate_after(step)
+            logger.info(resumed_from(step, last_step, steps_per_epoch, checkpoint.get("saved_at")))
+    elif resume is not None and main:  # it stopped before its first checkpoint
+        logger.warning(f"{run.path} has no checkpoint yet: training it from step 0")
+        log.truncate_after(0)
     elif resume is None and main:
         log.write({"event": "start", "step": 0, **_describe(config, method)})
         if budget:
@@ -152,7 +158,8 @@ def _train(
         nonlocal saved_step
         if step != saved_step and main:
             save_checkpoint(
-                {**parts.state_dict(), "step": step, "seconds": seconds()}, run.checkpoint_path
+                {**parts.state_dict(), "step": step, "seconds": seconds(), "saved_at": time.time()},
+                run.checkpoint_path,
             )
             saved_step = step
 

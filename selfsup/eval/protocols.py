@@ -110,15 +110,16 @@ def _resized_first(
 
 
 def probe_data(
-    run: Run, data: str | dict[str, Any] | None = None
+    run: Run, data: str | dict[str, Any] | None = None, config: Config | None = None
 ) -> tuple[str, ImageData, ImageData, Callable[[torch.Tensor], torch.Tensor]]:
     """(dataset name, train split, test split, transform) that the probes of `run` use: its own
     dataset's labelled splits and its eval transform, or with `data` (a dataset name or spec)
     dataset B's, resized to the run's image size first (transfer). A spec with data.classes or
-    data.fraction is named with them (selfsup/data/selection.py `describe`)."""
-    transform = run.views.eval_transform
+    data.fraction is named with them (selfsup/data/selection.py `describe`). `config`: the run's
+    with evaluation overrides (`with_eval_overrides`), which pick the test split."""
+    transform, config = run.views.eval_transform, config or run.config
     if data is None:
-        return run.config.data["name"], *_splits(run.config), transform
+        return config.data["name"], *_splits(config), transform
     spec = {"name": data} if isinstance(data, str) else dict(data)
     train, test = _transfer_splits(run, spec)
     return describe(spec), train, test, _resized_first(transform, run.info["image_size"])
@@ -130,11 +131,25 @@ def stored_results(run: Run) -> dict[str, float]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def with_eval_overrides(run: Run, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The run's config with `overrides` of its eval.* settings (eval.knn_k=20,
+    eval.test_split=train, ...); any other section is refused: the encoder was trained with it."""
+    others = sorted({o.split("=", 1)[0] for o in overrides if not o.startswith("eval.")})
+    if others:
+        raise ValueError(
+            f"an evaluation takes eval.* overrides only (eval.knn_k, eval.knn_temperature, "
+            f"eval.linear_weight_decay, eval.test_split, ...), not {', '.join(others)}; "
+            f"to probe another dataset use --data"
+        )
+    return run.config.replace(list(overrides)) if overrides else run.config
+
+
 def evaluate(
     run_dir: str | Path | Run,
     protocols: list[str] | tuple[str, ...] = PROTOCOLS,
     device: str = "auto",
     data: str | dict[str, Any] | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
 ) -> dict[str, float]:
     """kNN and/or linear probe of a run's frozen encoder on its dataset's train/test splits, and
     for a classifier run (`classify`) the test accuracy of its own predictions.
@@ -147,19 +162,21 @@ def evaluate(
     input statistics the encoder was trained with. Their keys name B ("digits/linear_top1"), so
     they sit beside the run's own results instead of replacing them.
 
-    Results are appended to the run's metrics.jsonl (event "eval", with "data": the dataset) and
-    merged into <run>/eval.json.
+    `overrides` change the run's eval.* settings for this evaluation (`with_eval_overrides`).
+    Results are appended to the run's metrics.jsonl (event "eval", with "data": the dataset, and
+    the overrides) and merged into <run>/eval.json.
     """
     protocols = list(protocols)
     _check(protocols)
     run = run_dir if isinstance(run_dir, Run) else Run(run_dir)
-    config, batch_size = run.config, run.config.eval.batch_size
+    config = with_eval_overrides(run, overrides)
+    batch_size = config.eval.batch_size
     if data is not None and CLASSIFY in protocols:
         raise ValueError(
             f"'classify' scores the run's own classes and has no meaning on another dataset "
             f"({data}); transfer with knn or linear"
         )
-    name, train, test, transform = probe_data(run, data)
+    name, train, test, transform = probe_data(run, data, config)
     prefix = "" if data is None else f"{name}/"
     target = pick_device(device)
     results: dict[str, float] = {}
@@ -180,7 +197,10 @@ def evaluate(
         results.update(probe(config, protocols, train_f, train, test_f, test))
     results = {f"{prefix}{key}": value for key, value in results.items()}
     step = run.checkpoint()["step"]
-    MetricsLog(run.metrics_path).write({"event": "eval", "data": name, "step": step, **results})
+    given = {"overrides": list(overrides)} if overrides else {}
+    MetricsLog(run.metrics_path).write(
+        {"event": "eval", "data": name, "step": step, **given, **results}
+    )
     merged = {**stored_results(run), **results}
     (run.path / "eval.json").write_text(json.dumps(merged, indent=1))
     return results

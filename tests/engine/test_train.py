@@ -1,6 +1,7 @@
 """The training engine: exact resume, run folder, checkpoints, export and embedding."""
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -112,6 +113,28 @@ def test_an_interrupted_run_saves_its_step_and_resumes(tiny_config, monkeypatch)
     assert run.checkpoint()["step"] == 3
     resumed = selfsup.train(resume=run.path)
     assert resumed.checkpoint()["step"] == 20  # 2 epochs of 10 steps
+
+
+def test_a_resumed_run_says_where_it_goes_on(tiny_config, caplog):
+    tiny_config["train"].update(epochs=1, max_steps=4)
+    run = selfsup.train(resolve(tiny_config))  # 10 steps an epoch, stopped at 4
+    saved_at = run.checkpoint()["saved_at"]
+    with caplog.at_level("INFO", logger="selfsup.engine.train"):
+        selfsup.train(resume=run.path, overrides=["train.max_steps=null"])
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(saved_at))
+    assert f"resumed from step 4 of 10 (epoch 0.40), checkpoint of {when}" in caplog.text
+
+
+def test_a_run_resumed_without_a_checkpoint_says_so_and_trains_from_step_0(tiny_config, caplog):
+    tiny_config["train"].update(epochs=1, log_every=1)
+    run = selfsup.train(resolve(tiny_config))
+    (run.path / "checkpoints" / "last.pt").unlink()  # as if it stopped before its first save
+    with caplog.at_level("WARNING", logger="selfsup.engine.train"):
+        resumed = selfsup.train(resume=run.path)
+    assert f"{run.path} has no checkpoint yet: training it from step 0" in caplog.text
+    steps = [r["step"] for r in resumed.metrics if "loss" in r]
+    assert steps == list(range(1, 11))  # the first attempt's lines are not kept twice
+    assert resumed.checkpoint()["step"] == 10
 
 
 @pytest.mark.slow
