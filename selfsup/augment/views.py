@@ -226,13 +226,15 @@ def simclr(
     solarize_p: float | Sequence[float] = 0.0,
     flip_p: float = 0.5,
     num_views: int = 2,
+    image_size: int | None = None,
 ) -> MultiView:
     """SimCLR (Chen et al. 2020, App. A): colour distortion strength s -> (0.8s, 0.8s, 0.8s, 0.2s).
 
-    Blur is for ImageNet; the CIFAR recipes set blur_p=0.
+    Blur is for ImageNet; the CIFAR recipes set blur_p=0. `image_size`: the side of whole
+    images (evaluation, the run's image size) when it differs from the views' `size`.
     """
     jitter = jitter or (0.8 * strength, 0.8 * strength, 0.8 * strength, 0.2 * strength)
-    return MultiView(_specs(**locals()), name="simclr")
+    return MultiView(_specs(**locals()), name="simclr", image_size=image_size)
 
 
 @VIEWS.register("moco_v1")
@@ -282,9 +284,11 @@ def byol(
     solarize_p: float | Sequence[float] = (0.0, 0.2),
     flip_p: float = 0.5,
     num_views: int = 2,
+    image_size: int | None = None,
 ) -> MultiView:
-    """BYOL (Grill et al. 2020, Table 6): asymmetric views, blur 1.0 / 0.1, solarize 0 / 0.2."""
-    return MultiView(_specs(**locals()), name="byol")
+    """BYOL (Grill et al. 2020, Table 6): asymmetric views, blur 1.0 / 0.1, solarize 0 / 0.2.
+    `image_size`: the side of whole images (evaluation) when it differs from the views' `size`."""
+    return MultiView(_specs(**locals()), name="byol", image_size=image_size)
 
 
 @VIEWS.register("swav")

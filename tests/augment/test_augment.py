@@ -368,3 +368,14 @@ def test_moco_v1_and_simclr_presets_use_the_paper_jitter():
     spec = VIEWS.build({"name": "moco_v1", "size": 32}).large[0]
     assert spec.jitter == (0.4, 0.4, 0.4, 0.4) and spec.jitter_p == 1.0 and spec.scale[0] == 0.2
     assert math.isclose(VIEWS.build({"name": "simclr"}).large[0].jitter[3], 0.2)
+
+
+@pytest.mark.parametrize("name", ["simclr", "byol"])
+def test_views_of_one_size_evaluate_whole_images_at_image_size(name):
+    views = VIEWS.build({"name": name, "size": 16, "image_size": 24})
+    x = uint8_images()  # (32, 3, 32, 32)
+    large, _ = views(x, gen())
+    assert [v.shape[-1] for v in large] == [16, 16]
+    expected = ops.normalize(ops.resize(x.float() / 255, 24), views.mean, views.std)
+    torch.testing.assert_close(views.eval_transform(x.float() / 255), expected)
+    assert views.size == 24  # the run's image size (data.json), what the probes see
