@@ -10,6 +10,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+import memory  # noqa: E402
 import step_profile  # noqa: E402
 from step_profile import RUN_PARTS, STEP_PARTS, compile_verdict, instrumented_step  # noqa: E402
 from streaming import main as streaming  # noqa: E402
@@ -22,6 +23,21 @@ def test_throughput_reports_speed_efficiency_and_the_backbone_work_of_a_step(tin
     r = measure(str(recipe), [], steps=1, warmup=1)
     assert r["img_per_s"] > 0 and r["efficiency"] > 0 and 0 < r["augment_share"] < 1
     assert r["backbone_work"] == "64 fb + 0 f"  # SimCLR: both views of 32 images, with gradient
+
+
+def test_memory_reads_the_resident_and_the_in_use_memory_every_few_steps(
+    tiny_config, tmp_path, capsys
+):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_config))
+    arguments = ["--steps", "4", "--every", "2", "--warmup", "2", "--set", "train.log_every=2"]
+    (r,) = memory.main([str(recipe), *arguments])  # in a spawned process, on one thread
+    assert list(r["resident_mib"]) == list(r["in_use_mib"]) == [0, 2, 4]
+    assert r["start"] == 2 and r["threads"] == 1
+    assert all(mib > 0 for mib in (*r["resident_mib"].values(), *r["in_use_mib"].values()))
+    assert abs(r["in_use_growth"]) < 100
+    table = capsys.readouterr().out
+    assert "| in use, step 2 → 4 |" in table and str(recipe) in table
 
 
 def test_streaming_compares_decoding_in_memory_with_the_mapped_cache(capsys):

@@ -171,11 +171,16 @@ def _decode(
     kept = np.flatnonzero(done == 1)
     if not len(kept):
         raise ValueError(f"none of the {len(files)} image files in {folder} can be read")
-    if skipped:
+    unreadable = np.flatnonzero(done == -1)  # also those an interrupted decode found
+    if len(unreadable):
+        example = skipped[0] if skipped else files[unreadable[0]].relative_to(folder)
         logger.warning(
-            f"selfsup: warning: skipped {len(skipped)} of {len(files)} image files in {folder} "
-            f"that cannot be read (corrupt, truncated or not images), e.g. {skipped[0]}"
+            f"selfsup: warning: skipped {len(unreadable)} of {len(files)} image files in {folder} "
+            f"that cannot be read (corrupt, truncated or not images), e.g. {example}"
         )
+        # Moving the rows in place cannot be resumed (a second pass would move them again): a
+        # decode stopped from here on starts again.
+        done_path.unlink()
         for row, i in enumerate(kept):  # close the gaps: row order stays the files' order
             if row != i:
                 images[row] = images[i]
@@ -195,7 +200,7 @@ def _decode(
     temporary = _file(stem, ".json.tmp")
     temporary.write_text(json.dumps(meta))
     os.replace(temporary, _file(stem, ".json"))  # the cache is complete once this exists
-    done_path.unlink()
+    done_path.unlink(missing_ok=True)
 
 
 def _mean_std(images: np.memmap, count: int) -> tuple[list[float], list[float]]:

@@ -8,6 +8,7 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
@@ -164,7 +165,7 @@ def _train(
             saved_step = step
 
     method.train()
-    stop_on_sigterm = _sigterm_as_interrupt()
+    stop, restore_handlers = _stop_at_the_end_of_the_step()
     try:
         while step < last_step:
             out = parts.step(step)
@@ -197,12 +198,14 @@ def _train(
             if epoch_end or time.perf_counter() - last_save > 60 * settings.checkpoint_minutes:
                 save()
                 last_save = time.perf_counter()
+            if stop:  # an interrupted run loses nothing: resume continues from this very step
+                save()
+                raise KeyboardInterrupt
     except KeyboardInterrupt:
-        save()  # an interrupted run loses nothing: resume continues from this very step
         bar.close()
         raise
     finally:
-        stop_on_sigterm()
+        restore_handlers()
     save()
     bar.close()
     if main:
@@ -229,19 +232,32 @@ def _check(
         raise
 
 
-def _sigterm_as_interrupt() -> Any:
-    """Treat SIGTERM (a scheduler's kill) like Ctrl-C, so the loop saves before it exits.
+def _stop_at_the_end_of_the_step() -> tuple[list[int], Callable[[], None]]:
+    """Ctrl-C and SIGTERM (a scheduler's kill; torchrun ending the other processes when one
+    fails) ask the loop to stop once the step under way is done, and save that step first: a
+    checkpoint taken in the middle of a step would hold the step's batch position and random
+    state beside the weights from before it, and the resumed run would differ from one straight
+    through. A second signal stops at once, without a save (the last checkpoint stands).
 
-    Returns a function that restores the previous handler.
+    Returns the list the signals are put in (empty: go on) and a function that restores the
+    previous handlers.
     """
+    requested: list[int] = []
     if threading.current_thread() is not threading.main_thread():
-        return lambda: None
+        return requested, lambda: None
 
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
+    def request(signum: int, frame: Any) -> None:
+        if requested:
+            raise KeyboardInterrupt
+        requested.append(signum)
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    return lambda: signal.signal(signal.SIGTERM, previous)
+    previous = {s: signal.signal(s, request) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore() -> None:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+    return requested, restore
 
 
 def _due(step: int, steps_per_epoch: int, every: float, last_step: int) -> bool:

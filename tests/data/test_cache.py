@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import select
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -112,3 +118,87 @@ def test_training_reads_its_batches_from_the_mapped_file(folder, tmp_path, tiny_
     run = selfsup.train(resolve(tiny_config))
     assert run.info["train_size"] == 18
     assert any(r.get("event") == "end" for r in run.metrics)
+
+
+# A cache build in its own process, stopped for good at `stage` (then killed with SIGKILL):
+# "decoding": its first `count` files decoded and recorded as done, the workers stuck on the
+# files after them; "closing the gaps": every file decoded and the rows moved into the gaps of the
+# unreadable ones, the cache not yet complete. It writes `stage` to stdout when it stops.
+BUILD_UNTIL = """
+import sys, threading
+from pathlib import Path
+import numpy as np
+from selfsup.data import cache, formats
+
+folder, out, stage, count = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+cache.SAVE_SECONDS, cache.CHUNK = 0.0, 8  # the done rows recorded after every task of 8 files
+
+
+def stop(message):
+    print(message, flush=True)
+    threading.Event().wait()  # until killed
+
+
+if stage == "decoding":
+    later = {str(f) for f in formats.folder_listing(Path(folder))[0][count:]}
+    load, save = formats.load_image, cache._save_array
+
+    def load_image(path, mode, size):  # in a worker (forked: it has this function)
+        if str(path) in later:
+            threading.Event().wait()
+        return load(path, mode, size)
+
+    def save_array(array, path):
+        save(array, path)
+        if np.count_nonzero(array) == count:
+            stop(stage)
+
+    formats.load_image, cache._save_array = load_image, save_array
+else:
+    cache._mean_std = lambda images, count: stop(stage)
+cache.cached_image_folder(folder, 12, None, out, workers=2)
+"""
+
+
+@pytest.mark.parametrize("stage", ["decoding", "closing the gaps"])
+def test_a_decode_killed_with_sigkill_leaves_no_cache_that_a_later_run_trusts(
+    stage, tmp_path, caplog
+):
+    root = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        (root / f"class{i % 2}").mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 256, (16, 20, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / f"class{i % 2}" / f"{i:02d}.png")
+    (root / "class0" / "03.png").write_text("not an image")  # file 2: the rows after it move up
+    cache = tmp_path / "cache"
+    build = subprocess.Popen(
+        [sys.executable, "-c", BUILD_UNTIL, str(root), str(cache), stage, "24"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # its decoding workers in its process group
+    )
+    try:
+        ready, _, _ = select.select([build.stdout], [], [], 120)
+        assert ready and build.stdout.readline().decode().strip() == stage, (
+            build.stderr.read().decode() if build.poll() is not None else "no word from it"
+        )
+        os.kill(build.pid, signal.SIGKILL)
+        build.wait()
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # its workers, which would wait forever
+            os.killpg(build.pid, signal.SIGKILL)
+    assert not list(cache.glob("*.json")), "the cache is not complete"
+    assert len(list(cache.glob("*.partial"))) == 1
+
+    with caplog.at_level(logging.INFO, logger="selfsup"):
+        again = image_folder(root=str(root), size=12, cache=str(cache), workers=1)
+    if stage == "decoding":
+        assert "17 of 41 images left" in caplog.text  # it went on where the killed one stopped
+    else:
+        assert "resuming" not in caplog.text  # it started again
+    clean = image_folder(root=str(root), size=12, cache=str(tmp_path / "clean"), workers=1)
+    assert len(again) == len(clean) == 40
+    assert torch.equal(again.images, clean.images)
+    assert torch.equal(again.labels, clean.labels)
+    assert np.allclose(again.mean_std(), clean.mean_std())

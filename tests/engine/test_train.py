@@ -1,6 +1,8 @@
 """The training engine: exact resume, run folder, checkpoints, export and embedding."""
 
 import json
+import os
+import signal
 import time
 
 import numpy as np
@@ -93,26 +95,57 @@ def test_atomic_save_keeps_the_old_checkpoint_when_writing_fails(tmp_path, monke
     assert list(tmp_path.iterdir()) == [path], "no temporary file is left behind"
 
 
-def test_an_interrupted_run_saves_its_step_and_resumes(tiny_config, monkeypatch):
+def _signal_in_forward(monkeypatch, signals, at_call=4):
+    """SimCLR whose `at_call`-th forward sends this process `signals`: a Ctrl-C or a scheduler's
+    SIGTERM in the middle of a step (after its batch and views were drawn)."""
     from selfsup.methods.simclr import SimCLR
 
     calls = {"n": 0}
     original = SimCLR.forward
 
-    def forward_then_interrupt(self, views, progress):
+    def forward(self, views, progress):
         calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
+        if calls["n"] == at_call:
+            for signum in signals:
+                os.kill(os.getpid(), signum)
         return original(self, views, progress)
 
-    monkeypatch.setattr(SimCLR, "forward", forward_then_interrupt)
+    monkeypatch.setattr(SimCLR, "forward", forward)
+
+
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])  # Ctrl-C, a scheduler's kill
+def test_a_run_interrupted_mid_step_saves_that_step_and_resumes_to_the_uninterrupted_result(
+    tiny_config, monkeypatch, name
+):
+    tiny_config["train"].update(epochs=1, knn_every=0, collapse_guard=False, name="straight")
+    straight = selfsup.train(resolve(tiny_config))
+    _signal_in_forward(monkeypatch, [getattr(signal, name)])
+    tiny_config["train"]["name"] = "interrupted"
     with pytest.raises(KeyboardInterrupt):
         selfsup.train(resolve(tiny_config))
     monkeypatch.undo()
-    run = selfsup.load(tiny_config["train"]["out_dir"] + "/tiny")
-    assert run.checkpoint()["step"] == 3
+    run = selfsup.load(tiny_config["train"]["out_dir"] + "/interrupted")
+    assert run.checkpoint()["step"] == 4, "the step under way is finished, then saved"
     resumed = selfsup.train(resume=run.path)
-    assert resumed.checkpoint()["step"] == 20  # 2 epochs of 10 steps
+    a, b = _state(straight), _state(resumed)
+    assert a["step"] == b["step"] == 10
+    for key, value in a["method"].items():
+        assert torch.equal(value, b["method"][key]), key
+    assert a["batches"] == b["batches"]
+    losses = lambda run: [r["loss"] for r in run.metrics if "loss" in r]  # noqa: E731
+    assert losses(resumed) == losses(straight)
+
+
+def test_a_second_interrupt_stops_at_once_without_saving_the_half_made_step(
+    tiny_config, monkeypatch
+):
+    tiny_config["train"].update(epochs=1, knn_every=0, collapse_guard=False)
+    _signal_in_forward(monkeypatch, [signal.SIGINT, signal.SIGINT])
+    with pytest.raises(KeyboardInterrupt):
+        selfsup.train(resolve(tiny_config))
+    run = selfsup.load(tiny_config["train"]["out_dir"] + "/tiny")
+    assert not run.has_checkpoint  # the first checkpoint would have come at the epoch's end
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
 
 
 def test_a_resumed_run_says_where_it_goes_on(tiny_config, caplog):
