@@ -149,6 +149,7 @@ def test_a_run_is_locked_while_it_trains_and_a_second_resume_is_refused(
     assert selfsup.train(resume=run.path).path == run.path  # resumed (at its last step)
     assert len(refusals) == 2 and all(f"process {os.getpid()} " in r for r in refusals)
     holder = _holder(run.path)
+    capsys.readouterr()  # what the two runs above logged
     try:
         assert main(["train", "--resume", str(run.path), "train.max_steps=null"]) == 2
     finally:
