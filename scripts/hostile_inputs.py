@@ -285,7 +285,42 @@ def cases(root: Path) -> list[Case]:
     }
     for what, (args, expect) in outputs.items():
         found.append(Case("output file", what, args, expect))
+    found += _own_images(root, out)
     return found
+
+
+def _own_images(root: Path, out: str) -> list[Case]:
+    """A folder of your own images through the <method>/folder recipes and `neighbours`."""
+    rng = np.random.default_rng(1)
+    photos = root / "photos"
+    for i in range(24):  # RGB of several sizes, grey, RGBA, 16-bit; a third in a nested folder
+        shape = [(20 + i, 16, 3), (16, 18), (17, 17, 4), (16, 16)][i % 4]
+        dtype = np.uint16 if i % 4 == 3 else np.uint8
+        pixels = rng.integers(0, np.iinfo(dtype).max, shape, dtype)
+        _png(photos / ("nested" if i % 3 == 0 else "") / f"{i}.png", pixels)
+    beside = root / "classes_and_loose"
+    for i in range(4):
+        _png(beside / ("a" if i < 2 else "") / f"{i}.png", rng.integers(0, 255, (8, 8), np.uint8))
+    train = ["train", "simclr/folder", *TINY, "train.budget_minutes=null", f"train.out_dir={out}"]
+    cases = {
+        "train simclr/folder without data.root": (train, "error"),
+        "data.root is a file": ([*train, f"data.root={root / 'results.txt'}"], "error"),
+        "data.labels=folders with images beside the class folders": (
+            [*train, f"data.root={beside}", "data.labels=folders"], "error"),
+        "data.labels=maybe": ([*train, f"data.root={photos}", "data.labels=maybe"], "error"),
+        "data.size=-3": ([*train, f"data.root={photos}", "data.size=-3"], "error"),
+        "data.channels=2": ([*train, f"data.root={photos}", "data.channels=2"], "error"),
+        "RGB, grey, RGBA and 16-bit images of several sizes, nested": (
+            [*train, f"data.root={photos}", "train.name=photos"], "accept"),
+        "eval all of a run on unlabelled images": (["eval", "all", f"{out}/photos"], "accept"),
+        "neighbours -k larger than the training images": (
+            ["neighbours", f"{out}/photos", str(photos / "1.png"), "-k", "50"], "error"),
+        "neighbours -o a .txt file": (
+            ["neighbours", f"{out}/photos", str(photos / "1.png"), "-o", "n.txt"], "error"),
+        "neighbours of an image that does not exist": (
+            ["neighbours", f"{out}/photos", str(photos / "missing.png")], "error"),
+    }  # fmt: skip
+    return [Case("own images", what, args, expect) for what, (args, expect) in cases.items()]
 
 
 def main() -> None:

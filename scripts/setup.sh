@@ -39,5 +39,8 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/pip install -q "${TORCH_SPEC:-torch==2.13.0}"
 fi
 # digits: scikit-learn, which ships the 8x8 digits the transfer tests use (no torch pulled in);
-# report: the same scikit-learn, for the t-SNE map of `selfsup report`.
-.venv/bin/pip install -q -e ".[test,digits,report]"
+# report: the same scikit-learn, for the t-SNE map of `selfsup report`;
+# notebook: the Jupyter kernel and client that tests/test_notebook.py runs the example with;
+# tensorboard, mlflow (mlflow-skinny): the train.loggers tests/engine/test_loggers.py reads back;
+# onnx: `selfsup export --format onnx` and the onnxruntime that tests/eval/test_export_onnx.py runs.
+.venv/bin/pip install -q -e ".[test,digits,report,notebook,tensorboard,mlflow,onnx]"

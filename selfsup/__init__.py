@@ -4,13 +4,17 @@ run = selfsup.train("simclr/fashion_mnist", ["train.epochs=1"])
 selfsup.evaluate(run)                      # {"knn_top1": ..., "linear_top1": ...}
 features = selfsup.embed(run, "fashion_mnist:test")
 tuned = selfsup.finetune(run)              # its encoder + a new head, trained on the labels
+mine = selfsup.train("simclr", data=images, labels=None)   # a uint8 array (N, H, W[, C])
+selfsup.neighbours(mine, "query.png", k=5)   # nearest training images by cosine of features
 selfsup.studies.compare(["simclr/fashion_mnist", "byol/fashion_mnist"], minutes=8)   # one table
 """
 
 from selfsup.backbones import create_backbone
 from selfsup.config import Config, load_config
 from selfsup.engine.train import finetune, train
-from selfsup.eval.protocols import embed, evaluate, export, pixel_baselines
+from selfsup.eval.export import export
+from selfsup.eval.neighbours import neighbours
+from selfsup.eval.protocols import embed, evaluate, pixel_baselines
 from selfsup.registry import BACKBONES, DATASETS, METHODS, VIEWS
 from selfsup.run import Run, load
 from selfsup.studies.compare import compare
@@ -30,6 +34,7 @@ __all__ = [
     "finetune",
     "load",
     "load_config",
+    "neighbours",
     "pixel_baselines",
     "train",
 ]

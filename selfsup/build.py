@@ -6,6 +6,7 @@ A method names what it needs from the engine as constructor parameters (`methods
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -15,7 +16,8 @@ import torch
 from torch import nn
 
 from selfsup.config import Config, apply_overrides, load_recipe, recipe_names, resolve
-from selfsup.data.datasets import ImageData
+from selfsup.data.datasets import SETTLE, ImageData
+from selfsup.data.memory import remember
 from selfsup.data.selection import load_split
 from selfsup.files import load_weights
 from selfsup.methods.base import Method
@@ -34,6 +36,57 @@ def load_data(config: Config, split: str) -> ImageData:
     """A split of the config's dataset, with data.classes and data.fraction applied (the
     fraction's images chosen with train.seed: selfsup/data/selection.py)."""
     return load_split(config.data, split, seed=config.train.seed)
+
+
+def settle_data(config: Config) -> Config:
+    """`config` with what its dataset decides from the data written in (image_folder's and
+    array's data.size: auto and data.channels: data/folder.py), so that the new run's
+    config.yaml holds numbers and the run replays and evaluates the same way."""
+    settle = SETTLE.get(config.data["name"])
+    if settle is None:
+        return config
+    return dataclasses.replace(config, data=settle(dict(config.data)))
+
+
+OWN_IMAGES = "folder"  # <method>/folder: the recipe of a method for your own images
+
+
+def in_memory_config(
+    recipe: str | Path, overrides: list[str] | None, images: Any, labels: Any
+) -> Config:
+    """The config that trains `recipe` on images given in memory (data/memory.py): a method name
+    (`simclr`) picks its recipe for your own images (simclr/folder), a recipe name or YAML path
+    is taken as is; its data section becomes the `array` dataset of these images, with the
+    recipe's data.size and data.test_fraction. A folder path as `images` trains on that folder."""
+    name = str(recipe)
+    if "/" not in name and not Path(name).suffix:
+        if f"{name}/{OWN_IMAGES}" not in recipe_names():
+            METHODS.get(name)  # an unknown method: did-you-mean
+            have = sorted(n.split("/")[0] for n in recipe_names() if n.endswith(f"/{OWN_IMAGES}"))
+            raise FileNotFoundError(
+                f"method '{name}' has no recipe for your own images ({name}/{OWN_IMAGES}); give "
+                f"a full recipe name such as {name}/fashion_mnist (its data section is replaced) "
+                f"or one of the methods that have one: {', '.join(have)}"
+            )
+        name = f"{name}/{OWN_IMAGES}"
+    raw = load_recipe(name)
+    given = raw.get("data") or {}
+    if isinstance(images, (str, Path)):
+        if labels is not None:
+            raise ValueError(
+                "labels= goes with images in memory; a folder's labels are its sub-folders"
+            )
+        folder = {"name": "image_folder", "size": "auto", "channels": "auto", "test_fraction": 0.2}
+        raw["data"] = {
+            **folder,
+            **(given if given.get("name") == "image_folder" else {}),
+            "root": str(images),
+        }
+        return resolve(apply_overrides(raw, overrides or []))
+    spec = remember(images, labels)
+    kept = {key: given[key] for key in ("size", "test_fraction") if key in given}
+    raw["data"] = {**spec, "size": "auto", "test_fraction": 0.2, **kept}
+    return resolve(apply_overrides(raw, overrides or []))
 
 
 def data_info(data: ImageData, views: Any) -> dict[str, Any]:

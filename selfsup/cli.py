@@ -38,6 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         FileExistsError,
         FloatingPointError,
         CollapseError,
+        ModuleNotFoundError,  # an optional extra's library, named with its pip install line
     ) as error:
         print(f"selfsup: error: {error}", file=sys.stderr)
         return 2
@@ -110,10 +111,32 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_embed)
 
-    p = sub.add_parser("export", help="write the encoder weights as a plain state dict")
+    p = sub.add_parser(
+        "export", help="write the encoder as a plain state dict, or as an ONNX model"
+    )
     p.add_argument("run_dir")
-    p.add_argument("-o", "--output", help="output file or folder (default RUN_DIR/encoder.pt)")
+    p.add_argument(
+        "-o", "--output", help="output file or folder (default RUN_DIR/encoder.pt or encoder.onnx)"
+    )
+    p.add_argument(
+        "--format",
+        choices=["state_dict", "onnx"],
+        default="state_dict",
+        help="state_dict: weights, torchvision/timm names (default); onnx: the encoder with the "
+        "run's normalisation, input images in [0, 1], dynamic batch (pip install 'selfsup[onnx]')",
+    )
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("neighbours", help="nearest images of query images by a run's encoder")
+    p.add_argument("run_dir")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="query image files or folders")
+    p.add_argument(
+        "--gallery", help="a folder of images or a dataset name[:split] (default: the run's own)"
+    )
+    p.add_argument("-k", type=int, default=5, help="neighbours per query (5)")
+    p.add_argument("-o", "--output", help="a .png contact sheet or a .json file of the result")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_neighbours)
 
     p = sub.add_parser("stats", help="feature statistics of a run's encoder on a split")
     p.add_argument("run_dir")
@@ -277,10 +300,22 @@ def _embed(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from selfsup.eval.protocols import export
+    from selfsup.eval.export import DEFAULT_NAMES, describe_onnx, export
 
-    output = output_file(args.output, "encoder.pt", "--output") if args.output else None
-    print(f"wrote {export(args.run_dir, output)}")
+    name = DEFAULT_NAMES[args.format]
+    output = output_file(args.output, name, "--output") if args.output else None
+    path = export(args.run_dir, output, format=args.format)
+    print(f"wrote {path}" + (f": {describe_onnx(path)}" if args.format == "onnx" else ""))
+    return 0
+
+
+def _neighbours(args: argparse.Namespace) -> int:
+    from selfsup.eval.neighbours import format_result, neighbours
+
+    result = neighbours(args.run_dir, args.images, args.gallery, args.k, args.output, args.device)
+    print(format_result(result))
+    if args.output:
+        print(f"wrote {args.output}")
     return 0
 
 
@@ -312,7 +347,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     result = demo(args.recipe, args.minutes, args.overrides)
     config, run = result.config, result.run
-    epochs = run.config.train.epochs
+    epochs = run.epochs
     backbone = ", ".join(f"{k}={v}" for k, v in config.backbone.items() if k != "name")
     k = config.eval.knn_k
     rows = [

@@ -9,6 +9,7 @@ statement of those defaults. Unknown keys fail with the valid keys and a close m
 from __future__ import annotations
 
 import dataclasses
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ from selfsup.params import (
 )
 from selfsup.registry import BACKBONES, DATASETS, METHODS, VIEWS, Registry, suggest
 from selfsup.target import TARGET_SETTINGS
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,10 @@ class TrainConfig:
     # are written to the run's config.yaml, which replays the run (engine/budget.py)
     budget_minutes: float | None = None
     max_steps: int | None = None  # stop after this many steps (the schedule still spans `epochs`)
+    # [k, n]: a budget's re-plan from the loop's steady step time (engine/budget.py): from step k
+    # on, the rest of the schedules planned over `epochs` runs over n - k steps; the run is n
+    # steps long. Written by the budget into config.yaml, so the run replays exactly.
+    replan: tuple[int, ...] | None = None
     seed: int = 0
     # the target branch (arXiv 2112.05141 Table 2; selfsup/target.py): method: as the paper;
     # stop_gradient: the online network, detached (an EMA target becomes such a copy); momentum: an
@@ -95,6 +102,11 @@ class TrainConfig:
     threads: int | None = None  # torch intra-op threads; None: torch's default
     checkpoint_minutes: float = 5.0  # save checkpoints/last.pt at least this often (and each epoch)
     log_every: int = 20  # steps between metric lines in metrics.jsonl
+    # where every number of metrics.jsonl also goes: one name or a list of jsonl (metrics.jsonl,
+    # always written), tensorboard (<run>/tensorboard) and mlflow (<run>/mlruns, or
+    # MLFLOW_TRACKING_URI when set); each but jsonl is an extra: pip install "selfsup[tensorboard]"
+    # (engine/loggers.py)
+    loggers: str | tuple[str, ...] = ("jsonl",)
     knn_every: float = 1.0  # epochs between online kNN monitor evaluations; 0 disables
     # steps between gradient decompositions of the loss (arXiv 2112.05141) logged to metrics.jsonl;
     # 0 disables (engine/monitor.py GradientMonitor)
@@ -137,6 +149,7 @@ LIMITS: dict[type, dict[str, Limit]] = {
         "epochs": FINITE_POSITIVE,
         "budget_minutes": FINITE_POSITIVE,
         "max_steps": POSITIVE,
+        "replan": POSITIVE,
         "accumulate": POSITIVE,
         "threads": POSITIVE,
         "checkpoint_minutes": POSITIVE,
@@ -257,9 +270,27 @@ def load_recipe(name_or_path: str | Path) -> dict[str, Any]:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `section.key=value` overrides (values parsed as YAML) to a raw config dict."""
+    """Apply `section.key=value` overrides (values parsed as YAML) to a raw config dict.
+
+    An override that names another entry of a registry section (`backbone.name=vit_tiny` on a
+    ResNet recipe, `method.name=byol` on a SimCLR one) replaces the whole section with that
+    entry's defaults, and says which settings it dropped; the section's other overrides apply on
+    top of it, whatever their order on the command line."""
     raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
-    for item in overrides:
+    named = [i for i in overrides if _is_new_name(raw, i)]
+    for item in named:
+        section, _, text = item.partition(".name=")
+        dropped = {k: v for k, v in raw[section].items() if k != "name"}
+        raw[section] = {}
+        if dropped:
+            log.info(
+                "%s replaces the %s section (%s's defaults apply); dropped: %s",
+                item,
+                section,
+                text,
+                ", ".join(f"{section}.{k}={v}" for k, v in dropped.items()),
+            )
+    for item in named + [i for i in overrides if i not in named]:
         key, sep, text = item.partition("=")
         if not sep or "." not in key:
             raise ValueError(
@@ -290,6 +321,20 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+def _is_new_name(raw: dict[str, Any], item: str) -> bool:
+    """Whether override `item` names another entry of a registry section than `raw` has."""
+    key, sep, text = item.partition("=")
+    section, dot, name = key.partition(".")
+    if not (sep and dot and name == "name" and isinstance(SECTIONS.get(section), Registry)):
+        return False
+    current = raw.get(section)
+    try:
+        value = yaml.safe_load(text) if text else None
+    except yaml.YAMLError:
+        return False  # apply_overrides says what is wrong with it
+    return isinstance(current, dict) and current.get("name") != value
+
+
 def resolve(raw: dict[str, Any]) -> Config:
     """Validate a raw dict against the registries and dataclasses; fill in every default."""
     import selfsup.augment  # noqa: F401  (registers VIEWS)
@@ -315,6 +360,9 @@ def resolve(raw: dict[str, Any]) -> Config:
             values[section] = _resolve_dataclass(section, kind, given)
     _check_label_fraction(values["method"]["name"], values["train"].label_fraction)
     _check_target(values["method"]["name"], values["train"].target)
+    values["train"] = dataclasses.replace(
+        values["train"], loggers=check_loggers(values["train"].loggers)
+    )
     return Config(**values)
 
 
@@ -350,6 +398,23 @@ def _check_target(method: str, setting: str) -> None:
             f"none; valid for '{method}': {', '.join(valid)} (methods with one: "
             f"{', '.join(others)})"
         )
+
+
+LOGGERS = ("jsonl", "tensorboard", "mlflow")  # train.loggers: their classes in engine/loggers.py
+
+
+def check_loggers(names: str | tuple[str, ...]) -> tuple[str, ...]:
+    """train.loggers as a tuple that starts with jsonl (always written), each name once. Whether
+    a logger's library is installed is checked when a run starts (engine/loggers.py), so a run
+    folder stays readable where it is not."""
+    given = (names,) if isinstance(names, str) else tuple(names)
+    for name in given:
+        if name not in LOGGERS:
+            raise ValueError(
+                f"unknown train.loggers name '{name}'{suggest(name, list(LOGGERS))}; "
+                f"known: {', '.join(LOGGERS)}"
+            )
+    return tuple(dict.fromkeys(("jsonl", *given)))
 
 
 def _resolve_spec(section: str, registry: Registry, given: dict[str, Any]) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from selfsup.data.datasets import ImageData
 from selfsup.data.subsets import seeded_subset
 from selfsup.engine.collapse import MIN_RANK, MIN_STD, PATIENCE
 from selfsup.engine.log import format_duration
-from selfsup.eval.protocols import stored_results
+from selfsup.eval.protocols import probes_skipped, stored_results
 from selfsup.eval.stages import stage_order
 from selfsup.plot import PALETTE, plot_curves, plot_series, plot_stages, save
 from selfsup.probes.features import extract
@@ -78,12 +78,17 @@ class Retrieval:
     neighbours: Tensor  # (Q, k) into the train split, nearest first
 
 
-def nearest_neighbours(queries: Tensor, bank: Tensor, k: int) -> Tensor:
+def nearest_neighbours(
+    queries: Tensor, bank: Tensor, k: int, exclude: Tensor | None = None
+) -> Tensor:
     """Indices (Q, k) of the k rows of `bank` (B, D) with the highest cosine similarity
-    cos(q, b) = q·b / (‖q‖ ‖b‖) to each row of `queries` (Q, D), most similar first."""
+    cos(q, b) = q·b / (‖q‖ ‖b‖) to each row of `queries` (Q, D), most similar first; `exclude`
+    (Q, B) bool: pairs never chosen (a query that is itself in the bank)."""
     if k > len(bank):
         raise ValueError(f"{k} nearest neighbours asked of {len(bank)} images; lower --neighbours")
     similarity = F.normalize(queries.float(), dim=1) @ F.normalize(bank.float(), dim=1).T
+    if exclude is not None:
+        similarity = similarity.masked_fill(exclude, float("-inf"))
     return similarity.topk(k, dim=1).indices
 
 
@@ -131,11 +136,13 @@ def retrieval(
     features: Callable[[Tensor], Tensor],
 ) -> Retrieval:
     """`settings.queries` seeded test images and their `settings.neighbours` nearest images among
-    `settings.bank_images` seeded training images, by cosine of `features` (images -> (N, D))."""
+    `settings.bank_images` seeded training images, by cosine of `features` (images -> (N, D)).
+    When `test` is `train` (a set without a test split), a query is never its own neighbour."""
     queries = seeded_subset(len(test), settings.queries, settings.seed)
     bank = seeded_subset(len(train), settings.bank_images, settings.seed + 1)
+    exclude = queries[:, None] == bank[None, :] if test is train else None
     nearest = nearest_neighbours(
-        features(test.images[queries]), features(train.images[bank]), settings.neighbours
+        features(test.images[queries]), features(train.images[bank]), settings.neighbours, exclude
     )
     return Retrieval(queries, bank, bank[nearest])
 
@@ -269,7 +276,7 @@ def _comparison(runs: list[Run], labels: list[str]) -> str:
                 config.method["name"],
                 config.backbone["name"],
                 config.data["name"],
-                config.train.epochs,
+                round(run.epochs, 4),
                 max((r["step"] for r in metrics if "loss" in r), default=0),
                 format_duration(_seconds(metrics)),
                 _accuracy(run, metrics, "knn_top1"),
@@ -303,7 +310,7 @@ def _summary(run: Run, metrics: list[dict[str, Any]]) -> str:
             "optimizer",
             f"{config.optim.name}, lr {config.optim.lr}, batch {config.optim.batch_size}",
         ],
-        ["epochs", config.train.epochs],
+        ["epochs", round(run.epochs, 4)],
         ["steps trained", max((r["step"] for r in metrics if "loss" in r), default=0)],
         ["training time", format_duration(_seconds(metrics))],
         ["parameters", start.get("parameters", "–")],
@@ -346,6 +353,9 @@ def _collapse_part(run: Run, metrics: list[dict[str, Any]], label: str) -> str:
 
 def _eval_part(run: Run) -> str:
     stored = stored_results(run)
+    skipped = probes_skipped(run)
+    if not stored and skipped is not None:
+        return f"<h3>Evaluation</h3><p class='note'>Probes skipped: {_escape(skipped)}.</p>"
     if not stored:
         return (
             "<h3>Evaluation</h3><p class='note'>No eval.json yet: "
@@ -462,7 +472,11 @@ def _features_part(run: Run, label: str, settings: Settings) -> str:
     if not run.has_checkpoint:
         return "<h3>Embedding map and retrieval</h3><p class='note'>No checkpoint to embed.</p>"
     config = run.config
-    train, test = load_data(config, "train"), load_data(config, config.eval.test_split)
+    train, split = load_data(config, "train"), config.eval.test_split
+    if probes_skipped(run) is None:
+        test = load_data(config, split)
+    else:  # no labels, and so no test split (an unlabelled folder): its training images
+        test, split = train, "train"
     searched = min(settings.bank_images, len(train))
     if settings.neighbours > searched:
         raise ValueError(
@@ -483,11 +497,11 @@ def _features_part(run: Run, label: str, settings: Settings) -> str:
         f"<span><i class='swatch' style='background:{_color(c)}'></i>{_escape(name)}</span>"
         for c, name in enumerate(classes)
     )
-    split = config.eval.test_split
     parts = [
         "<h3>Embedding map</h3>",
         f"<p class='note'>{len(shown)} {_escape(split)} images (seeded), encoder features "
-        f"L2-normalised, projected to 2-D by {_escape(projection)}; colour: class.</p>",
+        f"L2-normalised, projected to 2-D by {_escape(projection)}"
+        f"{'; colour: class' if labels is not None else ' (no labels)'}.</p>",
         _img(_scatter(points, labels), f"{label}: 2-D map of {split} features"),
         f"<p class='legend'>{legend}</p>" if labels is not None else "",
     ]
@@ -495,7 +509,8 @@ def _features_part(run: Run, label: str, settings: Settings) -> str:
     caption = (
         f"Each row: a seeded {_escape(split)} image (black frame), then its "
         f"{settings.neighbours} nearest of {len(found.bank)} seeded training images by cosine "
-        f"of the encoder features, nearest first; green frame: the query's class, red: another."
+        f"of the encoder features, nearest first"
+        + ("; green frame: the query's class, red: another." if labels is not None else ".")
     )
     if test.labels is not None and train.labels is not None:
         same = (train.labels[found.neighbours] == test.labels[found.queries, None]).float()

@@ -6,6 +6,7 @@
 <run>/checkpoints/last.pt  method, optimizer, data order and RNG state (atomic, with its SHA-256;
                            previous.pt: the one before, used when last.pt is damaged)
 <run>/curves.png           loss and kNN curves
+<run>/tensorboard/, mlruns/  the same numbers for TensorBoard and MLflow (train.loggers)
 <run>/init/, <run>/teacher/  config.yaml and data.json of the runs train.init / train.teacher
                            named (fine-tuning, distillation): the run rebuilds without them
 <run>/labelled.json        train.label_fraction's class-balanced subset (semi-supervised)
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import time
 from functools import cached_property
 from pathlib import Path
@@ -91,6 +93,13 @@ class Run:
     def metrics(self) -> list[dict[str, Any]]:
         return read_metrics(self.metrics_path)
 
+    @property
+    def epochs(self) -> float:
+        """The epochs it is trained for: train.epochs, or the length a budget's re-plan chose
+        (its "replan" event; train.epochs is then the length the schedules were planned over)."""
+        event = next((r for r in self.metrics if r.get("event") == "replan"), None)
+        return event["epochs"] if event else self.config.train.epochs
+
     def collapse_event(self) -> dict[str, Any] | None:
         """The "collapse" record of a run the collapse guard stopped, else None."""
         return next((r for r in self.metrics if r.get("event") == "collapse"), None)
@@ -127,3 +136,12 @@ class Run:
 def load(run_dir: str | Path) -> Run:
     """Open a run folder: `.config`, `.method`, `.encoder`, `.metrics`, `.views`."""
     return Run(run_dir)
+
+
+def write_config(path: str | Path, config: Config) -> None:
+    """Replace the config.yaml of run folder `path` (a resume's settings, a budget's re-plan) in
+    one step: a reader sees the old file or the new one, never a part."""
+    target = Path(path) / "config.yaml"
+    temporary = target.with_name(".config.yaml.tmp")
+    temporary.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    os.replace(temporary, target)

@@ -23,7 +23,7 @@ def linear_warmup(start: float, end: float, fraction: float) -> float:
 
 
 def warmup_cosine(
-    base: float, step: int, total_steps: int, warmup_steps: int, final: float = 0.0
+    base: float, step: float, total_steps: int, warmup_steps: int, final: float = 0.0
 ) -> float:
     """Linear warm-up from ~0 to `base` over `warmup_steps`, then cosine decay to `final`."""
     if step < warmup_steps:

@@ -16,8 +16,10 @@ from selfsup.dist import PROCESSES, GlobalBatch
 @dataclass(frozen=True)
 class Progress:
     step: int  # optimizer steps done before this one
-    epoch: float  # step / steps_per_epoch
-    fraction: float  # step / total_steps, in [0, 1]
+    # step / steps_per_epoch and step / total_steps, in [0, 1]: the step's position in the
+    # schedules, which a budget's re-plan stretches from its step on (engine/optim.py Schedule)
+    epoch: float
+    fraction: float
 
 
 @dataclass

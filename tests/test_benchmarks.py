@@ -1,5 +1,6 @@
 """The benchmark scripts stay runnable (budget comparisons: `selfsup compare`, test_compare.py)."""
 
+import importlib
 import json
 import sys
 import time
@@ -12,9 +13,11 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 import memory  # noqa: E402
 import step_profile  # noqa: E402
+import time_to_accuracy  # noqa: E402
 from step_profile import RUN_PARTS, STEP_PARTS, compile_verdict, instrumented_step  # noqa: E402
 from streaming import main as streaming  # noqa: E402
 from throughput import build, measure  # noqa: E402
+from time_to_accuracy import verdict  # noqa: E402
 
 
 def test_throughput_reports_speed_efficiency_and_the_backbone_work_of_a_step(tiny_config, tmp_path):
@@ -118,3 +121,77 @@ def test_compiling_pays_when_the_faster_steps_win_its_time_back_within_the_budge
     assert not compile_verdict(eager, {"total_ms": 80.0, "compile_seconds": 600.0}, 15)["pays"]
     never = compile_verdict(eager, {"total_ms": 105.0, "compile_seconds": 1.0}, 15)
     assert never["break_even_minutes"] is None and not never["pays"]
+
+
+def test_time_to_accuracy_stops_at_the_budget_that_reaches_both_marks_and_reuses_runs(
+    tiny_config, tmp_path, monkeypatch, capsys
+):
+    runs_module = importlib.import_module("selfsup.studies.runs")
+    tiny_config["data"].update(num_classes=4, per_class=16)
+    tiny_config["optim"]["batch_size"] = 8
+    tiny_config["train"].update(knn_every=0, collapse_guard=False)
+    tiny_config["eval"].update(linear_epochs=5)
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_config))
+    out = tmp_path / "tta"
+    entries = [f"tiny:before={recipe}", f"tiny:after={recipe},optim.lr=0.1,views.scale=[0.5,1.0]"]
+    grid = ["--minutes", "0.06", "0.03", "--seeds", "0", "--out", str(out)]
+
+    # both marks reached by the first budget: the second is not trained
+    report = time_to_accuracy.main([*entries, *grid, "--knn-mark", "0", "--linear-mark", "0"])
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["0.03min"]
+    (row,) = report["methods"]
+    for arm in ("before", "after"):
+        first = report["results"][f"tiny:{arm}"]
+        assert [r["budget"] for r in first] == [0.03]
+        for name in ("knn", "linear"):
+            assert row[arm][name] == {
+                "minutes": first[0]["train_seconds"] / 60,
+                "reached": True,
+                "budget": 0.03,
+            }
+    assert row["after"]["recipe"] == f"{recipe} optim.lr=0.1 views.scale=[0.5,1.0]"
+    before, after = (report["results"][f"tiny:{arm}"][0] for arm in ("before", "after"))
+    ratio = after["train_seconds"] / before["train_seconds"]
+    assert row["knn_ratio"] == row["linear_ratio"] == f"{ratio:.2f}"
+    assert row["half"] == (ratio <= 0.5)
+    if not row["half"]:
+        assert (
+            row["verdict"]
+            == f"knn: {ratio:.2f} of the before-time; linear: {ratio:.2f} of the before-time"
+        )
+
+    # an unreachable linear mark: every entry climbs to the largest budget, which says so
+    trained = []
+    train = runs_module.train
+    monkeypatch.setattr(runs_module, "train", lambda *a, **k: trained.append(k) or train(*a, **k))
+    report = time_to_accuracy.main([*entries, *grid, "--knn-mark", "0", "--linear-mark", "101"])
+    assert len(trained) == 2  # the 0.06-minute runs only: the 0.03-minute ones are reused
+    (row,) = report["methods"]
+    for arm in ("before", "after"):
+        rows = report["results"][f"tiny:{arm}"]
+        assert [r["budget"] for r in rows] == [0.03, 0.06]
+        assert row[arm]["knn"]["reached"] and row[arm]["knn"]["budget"] == 0.03
+        assert row[arm]["linear"] == {
+            "minutes": rows[1]["train_seconds"] / 60,
+            "reached": False,
+            "budget": 0.06,
+        }
+    assert "linear: after not reached within" in row["verdict"] and not row["half"]
+    text = (out / "time_to_accuracy.md").read_text()
+    assert f"> {rows[1]['train_seconds'] / 60:.1f}" in text and "--linear-mark 101" in text
+    assert json.loads((out / "time_to_accuracy.json").read_text())["marks"]["linear"] == 101
+    assert text in capsys.readouterr().out and "2 of the 4 runs were made" in text
+
+    # a rerun trains nothing
+    trained.clear()
+    again = time_to_accuracy.main([*entries, *grid, "--knn-mark", "0", "--linear-mark", "101"])
+    assert not trained and again["results"] == report["results"]
+    assert "4 of the 4 runs were made by an earlier call" in capsys.readouterr().out
+
+    # the ratio bounds a time the before arm did not reach within its largest budget
+    assert verdict({"minutes": 16.2, "reached": False}, {"minutes": 6.0, "reached": True})[:2] == (
+        "< 0.37",
+        True,
+    )
+    assert verdict({"minutes": 8.0, "reached": True}, None)[2] == "no after-recipe yet"

@@ -1,8 +1,12 @@
 """Config resolution: recipes resolve, overrides are typed, unknown keys list the valid ones."""
 
+import logging
+
 import pytest
+import torch
 from torch import nn
 
+from selfsup.backbones import create_backbone
 from selfsup.config import apply_overrides, load_config, load_recipe, recipe_names, resolve
 
 BASE = {
@@ -163,3 +167,17 @@ def test_a_dotted_override_sets_one_field_of_a_parameter_group():
 def test_an_endless_training_length_is_refused_when_the_config_is_read(key):
     with pytest.raises(ValueError, match=f"'{key}' must be > 0 and finite, got inf"):
         load_config("simclr/fashion_mnist", [f"{key}=.inf"])
+
+
+def test_a_backbone_name_override_replaces_the_section_and_says_what_it_dropped(caplog):
+    caplog.set_level(logging.INFO, logger="selfsup.config")
+    # the ResNet keys of the recipe (stem, width) would be unknown to a ViT
+    vit = load_config("simclr/fashion_mnist", ["backbone.patch_size=4", "backbone.name=vit_tiny"])
+    assert vit.backbone == {"name": "vit_tiny", "patch_size": 4}  # in either order
+    assert "dropped: backbone.stem=small, backbone.width=" in caplog.text
+    model = create_backbone(**vit.backbone, in_channels=1, image_size=28)
+    assert model(torch.zeros(2, 1, 28, 28)).shape[0] == 2
+    # the same name keeps the section; another method starts from its own defaults
+    same = load_config("simclr/fashion_mnist", ["backbone.name=resnet18", "backbone.width=0.5"])
+    assert same.backbone == {"name": "resnet18", "stem": "small", "width": 0.5}
+    assert load_config("simclr/fashion_mnist", ["method.name=byol"]).method == {"name": "byol"}

@@ -39,6 +39,9 @@ class ViewSpec:
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     solarize_p: float = 0.0
     random_crop: bool = True  # False: the centre square, resized (deterministic)
+    # with size None: the input's side times this (multi-crop's small views of images whose size
+    # the data decides: 96/224 of it, as 96 px at 224)
+    relative_size: float = 1.0
 
     def __post_init__(self) -> None:
         for key in ("scale", "ratio", "jitter", "blur_sigma"):  # YAML gives lists
@@ -70,7 +73,7 @@ class ViewSpec:
         n, _, height, width = x.shape
         rank, world = share
         total, rows = n * world, slice(rank * n, (rank + 1) * n)
-        device, size = x.device, self.size or height
+        device, size = x.device, self.size or max(round(height * self.relative_size), 1)
         if gain is None:
             gain = 1 / 255 if x.dtype == torch.uint8 else 1.0
         if self.random_crop:
@@ -210,8 +213,11 @@ def _specs(num_views: int, **params) -> list[ViewSpec]:
     ]
 
 
+SMALL_FRACTION = 96 / 224  # multi-crop's small views: 96 px at 224
+
+
 def _small_size(size: int | None, small_size: int | None) -> int | None:
-    return small_size or (None if size is None else round(size * 96 / 224))  # 96 at 224
+    return small_size or (None if size is None else round(size * SMALL_FRACTION))
 
 
 @VIEWS.register("simclr")
@@ -313,7 +319,10 @@ def swav(
     )
     large = _specs(num_views, blur_p=blur_p, size=size, scale=scale, **colour)
     small_size = _small_size(size, small_size)
-    small = _specs(num_small, blur_p=blur_p, size=small_size, scale=small_scale, **colour)
+    small = _specs(
+        num_small, blur_p=blur_p, size=small_size, scale=small_scale,
+        relative_size=SMALL_FRACTION, **colour,
+    )  # fmt: skip
     return MultiView(large, small, name="swav")
 
 
@@ -339,7 +348,10 @@ def dino(
     colour = dict(jitter=jitter, jitter_p=jitter_p, grayscale_p=grayscale_p)
     large = _specs(2, blur_p=blur_p, solarize_p=solarize_p, size=size, scale=scale, **colour)
     small_size = _small_size(size, small_size)
-    small = _specs(num_small, blur_p=small_blur_p, size=small_size, scale=small_scale, **colour)
+    small = _specs(
+        num_small, blur_p=small_blur_p, size=small_size, scale=small_scale,
+        relative_size=SMALL_FRACTION, **colour,
+    )  # fmt: skip
     return MultiView(large, small, name="dino")
 
 

@@ -45,9 +45,13 @@ def cached_image_folder(
     channels: int | None,
     cache: str | Path,
     workers: int | None = None,
-) -> tuple[np.ndarray, np.ndarray | None, list[str] | None, tuple[list[float], list[float]]]:
-    """(images (N, C, size, size) uint8 memory-mapped, labels, classes, (mean, std)) of an image
-    folder, decoded into `cache` the first time."""
+    listing: tuple[list[Path], np.ndarray | None, list[str] | None] | None = None,
+) -> tuple[
+    np.ndarray, np.ndarray | None, list[str] | None, tuple[list[float], list[float]], list[Path]
+]:
+    """(images (N, C, size, size) uint8 memory-mapped, labels, classes, (mean, std), the file of
+    each row) of an image folder, decoded into `cache` the first time. `listing`: (files, labels,
+    classes) to decode instead of `formats.folder_listing(folder)` (e.g. a held-out part)."""
     folder = Path(folder)
     if size is None:
         raise ValueError(
@@ -56,7 +60,7 @@ def cached_image_folder(
         )
     if workers is not None and (not isinstance(workers, int) or workers < 1):
         raise ValueError(f"data.workers must be a whole number >= 1, got {workers!r}")
-    files, labels, classes = formats.folder_listing(folder)
+    files, labels, classes = listing or formats.folder_listing(folder)
     formats.folder_mode((), channels)  # checks `channels`
     workers = workers or max(os.cpu_count() or 1, 1)
     key = _key(folder, files, size, channels)
@@ -75,7 +79,8 @@ def cached_image_folder(
     kept = np.asarray(meta["kept"], np.int64) if meta["kept"] is not None else None
     if labels is not None and kept is not None:
         labels = labels[kept]
-    return images, labels, classes, (meta["mean"], meta["std"])
+    files = files if kept is None else [files[i] for i in kept]
+    return images, labels, classes, (meta["mean"], meta["std"]), files
 
 
 @contextmanager

@@ -8,15 +8,16 @@ missing dataset raises FileNotFoundError listing every path tried and how to get
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from selfsup.data import formats
+from selfsup.data import folder, formats, memory
 from selfsup.registry import DATASETS
 
 
@@ -30,6 +31,7 @@ class ImageData:
     # per-channel (mean, std) when known without reading every image (a memory-mapped cache)
     stats: tuple[list[float], list[float]] | None = None
     mapped: bool = False  # images are a memory-mapped file: batches go to the device one by one
+    files: list[str] | None = None  # each image's file (an image folder's): neighbours name it
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.ndim != 4:
@@ -353,28 +355,96 @@ def split_path(name: str, root: str | None, split: str, suffix: str = "") -> Pat
 def image_folder(
     split: str = "train",
     root: str | None = None,
-    size: int | None = None,
-    channels: int | None = None,
+    size: int | str | None = None,
+    channels: int | str | None = None,
+    labels: str = "auto",
+    test_fraction: float | None = None,
     cache: str | None = None,
     workers: int | None = None,
 ) -> ImageData:
-    """Your own images: root/<class>/*.png (labelled) or root/*.png (unlabeled), via Pillow.
+    """Your own images: root/<class>/*.png (labelled) or root/**/*.png (unlabeled), via Pillow.
 
-    With root/train and root/test (or root/val) sub-folders, each split reads its own. `size`
-    resizes the shorter side and centre-crops to size x size; `channels` 1 or 3 forces L or RGB.
-    `cache` (a folder): for sets larger than memory, decode once with `workers` processes
-    (default: one per core) into a memory-mapped file there and train from it (data/cache.py).
+    With root/train and root/test (or root/val) sub-folders, each split reads its own; else a
+    labelled folder holds out `test_fraction` of each class as its test split (seeded, the same
+    for every run). `labels`: auto | folders (sub-folders are classes) | none (every image under
+    root, unlabeled); formats.folder_listing. `size` resizes the shorter side and centre-crops to
+    size x size; `channels` 1 or 3 forces L or RGB; `auto` decides either from the image headers
+    (data/folder.py; a run writes the numbers into its config.yaml). 16-bit images are scaled to
+    8 bits, transparent ones laid over white. `cache` (a folder): for sets larger than memory,
+    decode once with `workers` processes (default: one per core) into a memory-mapped file there
+    and train from it (data/cache.py).
     """
     check_split("image_folder", split)
-    folder = split_path("image_folder", root, split)
+    folder.check_size(size)
+    base = folder.check_root(root)
+    where, files, ids, classes = folder.split_listing(
+        base, split, labels, folder.check_fraction(test_fraction)
+    )
+    if size == folder.AUTO or channels == folder.AUTO:
+        size, channels, _ = folder.decide(files, size, channels)
+    channels = folder.channel_setting(channels)
     if cache is None:
-        images, labels, classes = formats.read_image_folder(folder, size=size, channels=channels)
-        return image_data(images, labels, classes)
-    from selfsup.data.cache import cached_image_folder
+        mode = formats.folder_mode(
+            (formats.image_mode(f) for f in files) if channels is None else (), channels
+        )
+        images, readable = formats.read_images(files, where, mode, size)
+        kept = [f for f, ok in zip(files, readable, strict=True) if ok]
+        data = image_data(images, ids[readable] if ids is not None else None, classes)
+    else:
+        from selfsup.data.cache import cached_image_folder
 
-    images, labels, classes, stats = cached_image_folder(folder, size, channels, cache, workers)
-    labels = None if labels is None else torch.from_numpy(labels)
-    return ImageData(torch.from_numpy(images), labels, classes, stats, mapped=True)
+        mapped, ids, classes, stats, kept = cached_image_folder(
+            where, size, channels, cache, workers, listing=(files, ids, classes)
+        )
+        ids = None if ids is None else torch.from_numpy(ids)
+        data = ImageData(torch.from_numpy(mapped), ids, classes, stats, mapped=True)
+    data.files = [str(f) for f in kept]
+    return data
+
+
+# Datasets that decide settings from their files (image_folder's data.size: auto): name -> a
+# function of the spec returning it with the decided values, which a new run writes into its
+# config.yaml (build.settle_data), so that the run replays and evaluates the same way.
+SETTLE: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "image_folder": folder.settle,
+    "array": memory.settle,
+}
+
+
+@DATASETS.register("array")
+def array(
+    split: str = "train",
+    key: str | None = None,
+    shape: list[int] | None = None,
+    labelled: bool = False,
+    size: int | str | None = folder.AUTO,
+    test_fraction: float | None = None,
+) -> ImageData:
+    """Images given in memory: selfsup.train(method, data=images, labels=labels) (data/memory.py).
+
+    `key` names the arrays kept in this process, `shape` and `labelled` describe them. `size`
+    resizes the centre square (auto: the shorter side, at most 64 px); labelled arrays hold out
+    `test_fraction` of each class as the test split (seeded, as an image folder's).
+    """
+    check_split("array", split)
+    folder.check_size(size)
+    fraction = folder.check_fraction(test_fraction)
+    images, ids = memory.recall(key, shape)
+    if size == folder.AUTO:
+        size = min(images.shape[2], images.shape[3], folder.AUTO_MAX_SIZE)
+    if size is not None:
+        images = memory.resize(images, size)
+    classes = None if ids is None else [str(c) for c in range(int(ids.max()) + 1)]
+    if ids is None or fraction is None:
+        if split != "train":
+            why = "no labels" if ids is None else "labels= without data.test_fraction"
+            raise FileNotFoundError(
+                f"dataset 'array': the images in memory have no '{split}' split ({why})"
+            )
+        return ImageData(images, ids, classes)
+    test = torch.from_numpy(folder.held_out(ids.numpy(), fraction))
+    keep = test if split == "test" else ~test
+    return ImageData(images[keep], ids[keep], classes)
 
 
 @DATASETS.register("npz")

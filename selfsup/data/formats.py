@@ -160,11 +160,31 @@ def image_files(folder: Path) -> list[Path]:
     )
 
 
+WIDE_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}  # 16-bit PNG / TIFF ("I": older Pillow)
+ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+
+
+def to_mode(image: Image.Image, mode: str) -> Image.Image:
+    """`image` in PIL mode 'L' or 'RGB'. 16-bit images are scaled to 8 bits (value / 257, so
+    65535 -> 255): PIL's own convert clips them at 255, which turns most of a 16-bit image white.
+    Transparent images are laid over white: dropping the alpha channel would show whatever
+    colour the transparent pixels happen to hold (often black)."""
+    if image.mode in WIDE_MODES:
+        wide = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.rint(np.clip(wide, 0, 65535) / 257).astype(np.uint8), "L")
+    if image.mode in ALPHA_MODES or (image.mode == "P" and "transparency" in image.info):
+        image = Image.alpha_composite(
+            Image.new("RGBA", image.size, (255, 255, 255, 255)), image.convert("RGBA")
+        )
+    return image.convert(mode)
+
+
 def load_image(path: Path, mode: str, size: int | None) -> np.ndarray:
-    """One image in PIL mode 'L' or 'RGB' -> (C, H, W) uint8; with `size`, the shorter side is
-    resized to `size` and the centre `size` x `size` square kept (aspect ratio preserved)."""
+    """One image in PIL mode 'L' or 'RGB' (`to_mode`) -> (C, H, W) uint8; with `size`, the
+    shorter side is resized to `size` and the centre `size` x `size` square kept (aspect ratio
+    preserved)."""
     with Image.open(path) as image:
-        image = image.convert(mode)
+        image = to_mode(image, mode)
     if size is not None:
         width, height = image.size
         scale = size / min(width, height)
@@ -176,39 +196,69 @@ def load_image(path: Path, mode: str, size: int | None) -> np.ndarray:
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
 
-def folder_listing(root: str | Path) -> tuple[list[Path], np.ndarray | None, list[str] | None]:
+LABEL_RULES = ("auto", "folders", "none")
+
+
+def folder_listing(
+    root: str | Path, labels: str = "auto"
+) -> tuple[list[Path], np.ndarray | None, list[str] | None]:
     """The image files of an image folder, their labels and the class names (None, None for an
-    unlabeled folder): sub-folders are classes, sorted by name, with their images found
-    recursively; images lying directly in `root` with no sub-folders form an unlabeled set."""
+    unlabeled folder), by the rule `labels` (data.labels):
+
+    - "folders": each sub-folder of `root` is a class (sorted by name), its images found
+      recursively; images directly in `root` are an error.
+    - "none": every image under `root`, nested folders included, unlabeled.
+    - "auto": "folders" when `root` has sub-folders with images and no images of its own, else
+      "none" (images directly in `root`, with or without sub-folders beside them).
+
+    Files are sorted by their path below `root`; hidden files and folders are skipped.
+    """
     root = Path(root)
+    if labels not in LABEL_RULES:
+        raise ValueError(f"data.labels must be one of {', '.join(LABEL_RULES)}, got {labels!r}")
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} is not a folder")
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    per_class = [
-        sorted(f for f in d.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-        for d in class_dirs
-    ]
+    per_class = [_images_below(d) if labels != "none" else [] for d in class_dirs]
     # Folders without images (e.g. a notes/ folder) are not classes.
     kept = [(d.name, files) for d, files in zip(class_dirs, per_class, strict=True) if files]
     loose = image_files(root)
-    if kept and loose:
+    if labels == "folders" and kept and loose:
         raise ValueError(
             f"{root} has both class sub-folders ({', '.join(n for n, _ in kept[:3])}, ...) and "
             f"images directly inside ({loose[0].name}, ...); move the loose images into a class "
-            "folder, or into a folder of their own for an unlabeled set"
+            "folder, or set data.labels=none to read every image as one unlabeled set"
         )
-    if not kept and not loose:
+    if labels == "folders" and loose and not kept:
+        raise ValueError(
+            f"data.labels=folders takes the sub-folders of {root} as classes, and it has none "
+            f"with images (only images directly inside, e.g. {loose[0].name}); put each class "
+            "in a sub-folder, or set data.labels=none (or auto)"
+        )
+    if kept and (labels == "folders" or not loose):
+        files = [f for _, class_files in kept for f in class_files]
+        ids = np.concatenate([np.full(len(fs), i, np.int64) for i, (_, fs) in enumerate(kept)])
+        return files, ids, [name for name, _ in kept]
+    files = _images_below(root)
+    if not files:
         raise FileNotFoundError(
             f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {root} or its sub-folders"
         )
-    if not kept:
-        return loose, None, None
-    files = [f for _, class_files in kept for f in class_files]
-    labels = np.concatenate([np.full(len(fs), i, np.int64) for i, (_, fs) in enumerate(kept)])
-    return files, labels, [name for name, _ in kept]
+    return files, None, None
 
 
-GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
+def _images_below(folder: Path) -> list[Path]:
+    """Image files in `folder` and every folder below it (hidden ones skipped), sorted by path."""
+    return sorted(
+        f
+        for f in folder.rglob("*")
+        if f.is_file()
+        and f.suffix.lower() in IMAGE_SUFFIXES
+        and not any(part.startswith(".") for part in f.relative_to(folder).parts)
+    )
+
+
+GRAY_MODES = {"1", "L", "LA", "La", "F", *WIDE_MODES}
 
 
 def image_mode(path: Path) -> str | None:
@@ -229,18 +279,28 @@ def folder_mode(modes: Iterable[str | None], channels: int | None) -> str:
 
 
 def read_image_folder(
-    root: str | Path, size: int | None = None, channels: int | None = None
+    root: str | Path, size: int | None = None, channels: int | None = None, labels: str = "auto"
 ) -> tuple[np.ndarray, np.ndarray | None, list[str] | None]:
     """A folder of images -> (images (N, C, H, W) uint8, labels or None, class names or None),
-    in memory (`folder_listing` says which files and labels; data/cache.py maps large folders).
+    in memory (`folder_listing` says which files and labels by the rule `labels`; data/cache.py
+    maps large folders).
 
     `channels` 1 or 3 converts every image to L or RGB; by default RGB unless all are grayscale.
     """
     root = Path(root)
-    files, labels, classes = folder_listing(root)
+    files, ids, classes = folder_listing(root, labels)
     # Opening reads only the header, so choosing the mode first costs little.
     mode = folder_mode((image_mode(f) for f in files) if channels is None else (), channels)
+    images, readable = read_images(files, root, mode, size)
+    return images, ids[readable] if ids is not None else None, classes
 
+
+def read_images(
+    files: list[Path], root: Path, mode: str, size: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The readable ones of `files` (below `root`, which messages name them by) in PIL mode
+    `mode` -> (images (M, C, H, W) uint8, which of the files they are: a bool mask (N,)).
+    Unreadable files are skipped and counted in one warning."""
     images, first, readable, skipped = None, None, np.zeros(len(files), bool), []
     for i, f in enumerate(files):
         try:
@@ -268,8 +328,7 @@ def read_image_folder(
             f"that cannot be read (corrupt, truncated or not images), e.g. {skipped[0]}"
         )
         images = images[readable]
-        labels = labels[readable] if labels is not None else None
-    return images, labels, classes
+    return images, readable
 
 
 def to_nchw(images: np.ndarray, where: str = "array") -> np.ndarray:

@@ -7,7 +7,9 @@ import json
 import logging
 import shlex
 import time
-from dataclasses import asdict, replace
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import selfsup.dist as dist
@@ -20,12 +22,23 @@ from selfsup.registry import parameters
 log = logging.getLogger(__name__)
 
 
+# The plan from calibration leaves 3 % for what its steps do not show (the collapse guard,
+# metric lines, checkpoints: ~1 % in the step profile; steady steps that run slower than the
+# first ones: 5-7 % in the demo runs of 2026-11). After REPLAN_AT of the planned steps the loop's
+# own step time, all of that included, sets the length once more (`Replan`), to REPLAN_MARGIN of
+# the time left.
+FIRST_PLAN = 0.97
+REPLAN_AT = 0.1
+REPLAN_MARGIN = 0.99
+
+
 def fit_budget(
     config: Config, data: ImageData, steps: int = 8, warmup: int = 2
-) -> tuple[Config, dict[str, Any]]:
+) -> tuple[Config, dict[str, Any], Replan]:
     """train.epochs that fill train.budget_minutes on this machine, written into the config with
     every schedule in epochs scaled to them (`scale_schedules`); also returns what was measured
-    and the scale (logged as the run's "budget" event).
+    and the scale (logged as the run's "budget" event), and the `Replan` the loop applies after
+    REPLAN_AT of those steps.
 
     Throughput is measured on `steps` steps of a throwaway copy of the run's parts (after
     `warmup`), and one kNN monitor pass is timed, so the run itself is exactly the one that its
@@ -35,12 +48,10 @@ def fit_budget(
     """
     settings = config.train
     began = time.perf_counter()
+    deadline = began + 60 * settings.budget_minutes
     step_seconds, monitor_seconds = measure(config, data, steps, warmup)
     main = dist.process_rank() == 0
-    # Checkpoints and logging take the last few percent; the monitor runs every knn_every epochs.
-    # Steady steps ran 5-7 % slower than these first ones in the demo runs (389 and 360 img/s
-    # after 411 and 387 measured): plan 92 % of what is left.
-    seconds = 0.92 * (60 * settings.budget_minutes - (time.perf_counter() - began))
+    seconds = FIRST_PLAN * (deadline - time.perf_counter())
     steps_per_epoch = len(data) // config.optim.batch_size
     epoch_seconds = steps_per_epoch * step_seconds
     if settings.knn_every > 0 and monitor_seconds:
@@ -73,7 +84,67 @@ def fit_budget(
             scale,
             shlex.join(replay_overrides(config, record)),
         )
-    return config, record
+    monitor_every = settings.knn_every * steps_per_epoch if main else 0.0
+    replan = Replan(deadline, total_steps, steps_per_epoch, monitor_every, monitor_seconds)
+    return config, record, replan
+
+
+@dataclass
+class Replan:
+    """A budget's one correction of its length: after REPLAN_AT of the planned steps (`at_step`),
+    the loop's own time per step (its kNN monitor passes excluded, they are counted one by one)
+    gives the number of steps that ends the run at the budget's deadline, and the rest of the
+    schedules is stretched over them (train.replan, engine/optim.py Schedule.stretch), so a step
+    time that differs from the calibration's neither overruns the budget nor leaves it unused."""
+
+    deadline: float  # time.perf_counter() at which the budget ends
+    planned: int  # the steps planned from calibration
+    steps_per_epoch: int
+    monitor_every: float  # steps between kNN monitor passes; 0: none (or not this process's)
+    monitor_seconds: float  # one pass, as calibration measured it
+    began: float = 0.0
+    monitor: float = 0.0  # seconds of monitor passes since `began`
+
+    @property
+    def at_step(self) -> int | None:
+        """The step after which the length is planned again (None: the run is too short)."""
+        return min(max(round(REPLAN_AT * self.planned), 1), self.planned - 1) or None
+
+    def start(self) -> None:
+        """The loop's first step begins now."""
+        self.began, self.monitor = time.perf_counter(), 0.0
+
+    @contextmanager
+    def excluded(self) -> Iterator[None]:
+        """Time that is not a step's (a kNN monitor pass)."""
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.monitor += time.perf_counter() - began
+
+    def steps(self, step: int) -> tuple[int, float]:
+        """The run's new length in steps, `step` steps into it, and the seconds a step took."""
+        now = time.perf_counter()
+        step_seconds = (now - self.began - self.monitor) / step
+        left = self.deadline - now
+        per_step = step_seconds
+        if self.monitor_every:
+            left -= self.monitor_seconds  # the pass at the end
+            per_step += self.monitor_seconds / self.monitor_every
+        return step + max(round(REPLAN_MARGIN * left / per_step), 1), step_seconds
+
+    def record(self, step: int, steps: int, step_seconds: float, batch_size: int) -> dict:
+        """The "replan" event of metrics.jsonl."""
+        return {
+            "event": "replan",
+            "step": step,
+            "img_per_s": round(batch_size / step_seconds, 1),
+            "planned_steps": self.planned,
+            "total_steps": steps,
+            "epochs": steps / self.steps_per_epoch,
+            "stretch": (self.planned - step) / (steps - step),
+        }
 
 
 def replay_overrides(config: Config, record: dict[str, Any]) -> list[str]:
@@ -82,8 +153,10 @@ def replay_overrides(config: Config, record: dict[str, Any]) -> list[str]:
     optim.groups mapping (JSON, which YAML reads). The run's config.yaml holds the same values."""
     scaled = record.get("scaled", {})  # none in runs from before schedules were scaled
     groups = [f"optim.groups={json.dumps(config.to_dict()['optim']['groups'])}"]
+    replan = config.train.replan
     return [
         f"train.epochs={config.train.epochs!r}",
+        *([f"train.replan=[{replan[0]}, {replan[1]}]"] if replan else []),
         *(f"{k}={v!r}" for k, v in scaled.items() if not k.startswith("optim.groups.")),
         *(groups if any(k.startswith("optim.groups.") for k in scaled) else []),
     ]

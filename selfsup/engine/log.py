@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -38,7 +39,10 @@ def resumed_from(
 
 
 class ProgressBar:
-    """One redrawn line on a terminal; a line every `every` seconds when stderr is a file."""
+    """One line that redraws itself: on a terminal with carriage returns; in a Jupyter notebook as
+    one display output replaced in place (the kernel's stderr is no terminal, and a carriage
+    return there would not take back an earlier output); a line every 30 s when stderr is a file
+    or a pipe (CI logs). `stream`: where to write instead of stderr (never a notebook display)."""
 
     def __init__(
         self,
@@ -46,19 +50,30 @@ class ProgressBar:
         start: int = 0,
         images_per_step: int = 0,
         enabled: bool = True,
-        stream: TextIO = sys.stderr,
+        stream: TextIO | None = None,
     ) -> None:
-        self.total, self.start, self.enabled, self.stream = total, start, enabled, stream
+        self.total, self.start, self.enabled = total, start, enabled
         self.images_per_step = images_per_step
-        self.tty = stream.isatty()
-        self.every = 0.2 if self.tty else 30.0
+        self.display = notebook_display() if stream is None and enabled else None
+        self.stream = sys.stderr if stream is None else stream
+        self.tty = self.stream.isatty()
+        # a notebook sends each redraw to the browser: twice a second is live enough
+        self.every = 0.5 if self.display is not None else 0.2 if self.tty else 30.0
+        self.handle: Any = None  # the notebook's display handle, once the first line is shown
+        self.undrawn: tuple[int, dict[str, Any]] | None = None  # skipped update; close() shows it
         self.began = self.last = time.perf_counter()
 
     def update(self, step: int, **values: Any) -> None:
         now = time.perf_counter()
-        if not self.enabled or (now - self.last < self.every and step < self.total):
+        if not self.enabled:
             return
-        self.last = now
+        if now - self.last < self.every and step < self.total:
+            self.undrawn = (step, values)
+            return
+        self.last, self.undrawn = now, None
+        self._draw(self._line(step, now, values))
+
+    def _line(self, step: int, now: float, values: dict[str, Any]) -> str:
         done = step - self.start
         rate = done / (now - self.began) if now > self.began else 0.0
         eta = (self.total - step) / rate if rate > 0 else float("inf")
@@ -67,17 +82,48 @@ class ProgressBar:
         filled = int(width * step / max(self.total, 1))
         bar = "#" * filled + "." * (width - filled)
         shown = " ".join(f"{k} {float(v):.4g}" for k, v in values.items())
-        line = (
+        return (
             f"[{bar}] {step}/{self.total} {shown} {images_per_second:.0f} img/s "
             f"ETA {format_duration(eta)}"
         )
+
+    def _draw(self, line: str) -> None:
+        if self.display is not None:
+            shown = {"text/plain": line}
+            if self.handle is None:
+                self.handle = self.display(shown, raw=True, display_id=True)
+            else:
+                self.handle.update(shown, raw=True)
+            return
         self.stream.write(("\r" + line + "\x1b[K") if self.tty else line + "\n")
         self.stream.flush()
 
     def close(self) -> None:
-        if self.enabled and self.tty:
+        """End the line; in a notebook first show the last step if its update was skipped (an
+        interrupted run), so the output says where training stopped."""
+        if not self.enabled:
+            return
+        if self.display is not None:
+            if self.undrawn is not None:
+                step, values = self.undrawn
+                self._draw(self._line(step, time.perf_counter(), values))
+                self.undrawn = None
+        elif self.tty:
             self.stream.write("\n")
             self.stream.flush()
+
+
+def notebook_display() -> Callable[..., Any] | None:
+    """IPython's `display` when this process is a Jupyter kernel (a notebook in Jupyter, VS Code
+    or Colab), else None: a terminal IPython has a real stderr. IPython is looked up, not
+    imported, so a process that never loaded it pays nothing."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    if shell is None or "IPKernelApp" not in shell.config:
+        return None
+    from IPython.display import display
+
+    return display
 
 
 class MetricWindow:

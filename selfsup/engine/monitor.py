@@ -3,6 +3,7 @@ of test as queries) and the gradient decomposition (decomposition.py) on a fixed
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -19,6 +20,8 @@ from selfsup.probes.features import extract
 from selfsup.probes.knn import knn
 from selfsup.step import Views
 
+logger = logging.getLogger(__name__)
+
 
 class KnnMonitor:
     def __init__(
@@ -29,15 +32,27 @@ class KnnMonitor:
         self.batch_size, self.device = config.eval.batch_size, device
 
     @classmethod
-    def create(cls, config: Config, train: ImageData, views: Any, device: Any) -> KnnMonitor | None:
-        """None when the data has no labels or no test split, or the monitor is switched off."""
-        if config.train.knn_every <= 0 or train.labels is None:
+    def create(
+        cls, config: Config, train: ImageData, views: Any, device: Any, explain: bool = False
+    ) -> KnnMonitor | None:
+        """None when the data has no labels or no test split, or the monitor is switched off;
+        with `explain`, why is logged in one line (an unlabelled folder of your own images)."""
+        if config.train.knn_every <= 0:
             return None
-        try:
-            test = load_data(config, config.eval.test_split)
-        except (FileNotFoundError, ValueError):
-            return None
-        if test.labels is None:
+        why = None
+        if train.labels is None:
+            why = "the training images have no labels"
+        else:
+            try:
+                test = load_data(config, config.eval.test_split)
+            except (FileNotFoundError, ValueError) as error:
+                why = f"no labelled {config.eval.test_split} split ({error})"
+            else:
+                if test.labels is None:
+                    why = f"the {config.eval.test_split} split has no labels"
+        if why is not None:
+            if explain:
+                logger.info(f"selfsup: kNN monitor off: {why}")
             return None
         return cls(
             _subset(train, config.eval.monitor_train, config.train.seed),

@@ -137,7 +137,13 @@ def build_optimizer(method: Method, config: OptimConfig) -> torch.optim.Optimize
 
 
 class Schedule:
-    """Learning rate, weight decay and frozen periods of every group at each step."""
+    """Learning rate, weight decay and frozen periods of every group at each step.
+
+    `total_steps` is the length the schedules are planned over. A budget's re-plan (`stretch`,
+    train.replan) runs the schedules' rest from step k over a different number of steps: step
+    s >= k is at position k + (s - k)(total - k)/(steps - k) of the planned schedules, so every
+    step before k is exactly the planned one and the last step ends them (engine/budget.py).
+    """
 
     def __init__(
         self,
@@ -145,6 +151,7 @@ class Schedule:
         config: OptimConfig,
         steps_per_epoch: int,
         total_steps: int,
+        stretch: tuple[int, int] | None = None,
     ) -> None:
         if config.schedule not in ("cosine", "constant"):
             raise ValueError(
@@ -152,13 +159,31 @@ class Schedule:
             )
         self.optimizer, self.config = optimizer, config
         self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
+        self.stretch(*(stretch or (total_steps, total_steps)))
+
+    def stretch(self, at_step: int, steps: int) -> None:
+        """From `at_step` on, run the rest of the planned schedules over `steps` - `at_step`
+        steps: the run is `steps` long."""
+        if not (0 < at_step < min(steps, self.total_steps) or at_step == steps == self.total_steps):
+            raise ValueError(
+                f"train.replan must be [step, steps] with 0 < step < steps and step < the "
+                f"{self.total_steps} planned steps, got [{at_step}, {steps}]"
+            )
+        self.at_step, self.steps = at_step, steps
+
+    def position(self, step: int) -> float:
+        """Where step `step` is in the planned schedules (in planned steps)."""
+        if step < self.at_step or self.steps == self.at_step:  # planned, or no re-plan
+            return step
+        k = self.at_step
+        return k + (step - k) * (self.total_steps - k) / (self.steps - k)
 
     def learning_rate(self, step: int, peak: float | None = None) -> float:
         """Linear warm-up over warmup_epochs, then cosine decay to final_lr (or constant)."""
         peak = peak_lr(self.config) if peak is None else peak
         warmup_steps = round(self.config.warmup_epochs * self.steps_per_epoch)
         total = self.total_steps if self.config.schedule == "cosine" else 10**18
-        return warmup_cosine(peak, step, total, warmup_steps, self.config.final_lr)
+        return warmup_cosine(peak, self.position(step), total, warmup_steps, self.config.final_lr)
 
     def apply(self, step: int) -> None:
         """Set each group's learning rate and weight decay for the step `step` (0-based)."""
@@ -168,11 +193,12 @@ class Schedule:
             group["weight_decay"] = cosine(
                 group["initial_weight_decay"],
                 group["final_weight_decay"],
-                step / max(self.total_steps, 1),
+                self.position(step) / max(self.total_steps, 1),
             )
 
     def frozen(self, group: dict, step: int) -> bool:
-        return step < group["frozen_epochs"] * self.steps_per_epoch  # .inf: frozen throughout
+        # .inf: frozen throughout
+        return self.position(step) < group["frozen_epochs"] * self.steps_per_epoch
 
     def drop_frozen_gradients(self, step: int) -> None:
         """Between backward and the optimizer step: frozen groups lose their gradients, so the

@@ -99,7 +99,9 @@ class Parts:
             method,
             dist.data_parallel(method, device),
             optimizer,
-            Schedule(optimizer, config.optim, batches.steps_per_epoch, total_steps),
+            Schedule(
+                optimizer, config.optim, batches.steps_per_epoch, total_steps, settings.replan
+            ),
             batches,
             labels,
             torch.Generator(device).manual_seed(settings.seed),
@@ -111,7 +113,9 @@ class Parts:
     def step(self, step: int) -> dict[str, Tensor]:
         """Optimisation step number `step` (0-based) on the next batch; returns its outputs."""
         spe = self.batches.steps_per_epoch
-        progress = Progress(step, step / spe, step / self.schedule.total_steps)
+        # the schedules' position: the step itself, unless a budget re-planned the run's rest
+        at = self.schedule.position(step)
+        progress = Progress(step, at / spe, at / self.schedule.total_steps)
         self.schedule.apply(step)
         own_random_stream(self.config.train.seed, step)
         images, index = self.batches.next()

@@ -9,28 +9,29 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 import selfsup.dist as dist
-from selfsup.build import finetune_config, load_data
+from selfsup.build import finetune_config, in_memory_config, load_data, settle_data
 from selfsup.config import Config, load_config
 from selfsup.data.subsets import labelled_indices, save_labelled, subset
-from selfsup.engine.budget import fit_budget
+from selfsup.engine.budget import Replan, fit_budget
 from selfsup.engine.clock import TrainingClock
 from selfsup.engine.collapse import CollapseError, CollapseGuard
 from selfsup.engine.log import MetricWindow, ProgressBar, resumed_from
+from selfsup.engine.loggers import RunLog, check_installed
 from selfsup.engine.monitor import GradientMonitor, KnnMonitor
 from selfsup.engine.parts import Parts
-from selfsup.files import MetricsLog, hold_folder, make_folder, save_checkpoint
+from selfsup.files import hold_folder, make_folder, save_checkpoint
 from selfsup.methods.base import Method
 from selfsup.plot import plot_curves
-from selfsup.run import Run
+from selfsup.run import Run, write_config
 
 logger = logging.getLogger(__name__)
 FIXED_ON_RESUME = ("method", "backbone", "data", "views", "optim")  # what the checkpoint holds
@@ -48,16 +49,29 @@ def train(
     overrides: list[str] | None = None,
     *,
     resume: str | Path | None = None,
+    data: Any = None,
+    labels: Any = None,
 ) -> Run:
     """Train a method; `resume` continues a stopped run from its last checkpoint exactly.
 
     `config` is a Config, a recipe name (`simclr/fashion_mnist`) or a YAML path; `overrides` are
     dotted `section.key=value` strings (on resume only train.* and eval.* keys may change).
+    `data`: images in memory, a uint8 array or tensor (N, H, W[, C]), with optional `labels`
+    (N,), or a folder path; `config` may then be a method name (`simclr`: its recipe
+    simclr/folder) and the recipe's data section is replaced (build.in_memory_config).
 
     Under torchrun (WORLD_SIZE > 1) every process trains its 1/W of each global batch
     (optim.batch_size) with DistributedDataParallel; rank 0 alone locks (files.hold_folder) and
     writes the run folder, logs, checks and plots. A run resumes on any number of processes.
     """
+    if data is not None:
+        if resume is not None or isinstance(config, Config):
+            raise ValueError(
+                "data= goes with a method or recipe name, not with resume= or a Config"
+            )
+        config, overrides = in_memory_config(config, overrides, data, labels), None
+    elif labels is not None:
+        raise ValueError("labels= labels the images given as data=; give data= too")
     with dist.process_group_from_env(), ExitStack() as held:
         return _train(config, overrides, resume, held)
 
@@ -88,11 +102,13 @@ def _train(
     elif overrides:
         config = config.replace(overrides)
     settings = config.train
+    check_installed(settings.loggers)  # before anything is made or trained
     if settings.threads:
         torch.set_num_threads(settings.threads)
 
     if resume is None:
         make_folder(settings.out_dir, "train.out_dir")  # before the data and the budget's steps
+        config = settle_data(config)  # data.size: auto -> the size, written to config.yaml
     data = load_data(config, "train")
     run_dir = run.path if resume is not None else None
     # Semi-supervised: the method trains on the labelled subset; the kNN monitor and the collapse
@@ -100,8 +116,9 @@ def _train(
     labelled = labelled_indices(data.labels, settings.label_fraction, settings.seed, run_dir)
     train_data = data if labelled is None else subset(data, labelled)
     budget: dict[str, Any] = {}
+    replan: Replan | None = None
     if resume is None and settings.budget_minutes is not None:
-        config, budget = fit_budget(config, train_data)
+        config, budget, replan = fit_budget(config, train_data)
         settings = config.train
     # Weights of the runs it starts from (train.init, train.teacher) load unless a checkpoint of
     # this run will replace them.
@@ -118,13 +135,12 @@ def _train(
 
         run = Run(dist.from_rank0(create))  # one folder, its time-stamped name chosen by rank 0
     else:
-        config_text = yaml.safe_dump(config.to_dict(), sort_keys=False)
-        dist.from_rank0(lambda: (run.path / "config.yaml").write_text(config_text))
+        dist.from_rank0(lambda: write_config(run.path, config))
     method, batches = parts.method, parts.batches
-    steps_per_epoch, total_steps = batches.steps_per_epoch, parts.schedule.total_steps
+    steps_per_epoch, total_steps = batches.steps_per_epoch, parts.schedule.steps
     last_step = min(total_steps, settings.max_steps or total_steps)
-    log = MetricsLog(run.metrics_path)
-    monitor = KnnMonitor.create(config, data, parts.views, parts.device) if main else None
+    log = held.enter_context(RunLog.open(run, config)) if main else RunLog([])
+    monitor = KnnMonitor.create(config, data, parts.views, parts.device, True) if main else None
     gradients = GradientMonitor.create(config, train_data, parts.views, parts.device)
     guard = CollapseGuard.create(config, data, parts.views, parts.device) if main else None
 
@@ -164,8 +180,33 @@ def _train(
             )
             saved_step = step
 
+    def planned_again() -> None:
+        """The budget's re-plan (engine/budget.py Replan): the length from the loop's own step
+        time, the rest of the schedules stretched over it, into config.yaml before it is used."""
+        nonlocal config, last_step
+        steps, step_seconds = dist.from_rank0(lambda: replan.steps(step))
+        parts.schedule.stretch(step, steps)
+        config = replace(config, train=replace(config.train, replan=(step, steps)))
+        last_step = min(steps, settings.max_steps or steps)
+        bar.total = last_step
+        if main:
+            write_config(run.path, config)
+            record = replan.record(step, steps, step_seconds, batches.batch_size)
+            log.write(record)
+            logger.info(
+                "budget: %.0f img/s in the run itself -> %d steps instead of %d (epochs %.4g, "
+                "the schedules' rest x%.3g)",
+                record["img_per_s"],
+                steps,
+                replan.planned,
+                record["epochs"],
+                1 / record["stretch"],
+            )
+
     method.train()
     stop, restore_handlers = _stop_at_the_end_of_the_step()
+    if replan is not None:
+        replan.start()
     try:
         while step < last_step:
             out = parts.step(step)
@@ -192,12 +233,15 @@ def _train(
             epoch_end = step % steps_per_epoch == 0
             # rank 0 alone: the others go on and wait for it in the next step's gradient exchange
             if epoch_end and monitor and _due(step, steps_per_epoch, settings.knn_every, last_step):
-                knn = monitor(method.encoder)  # its own time is training time too
+                with replan.excluded() if replan else nullcontext():
+                    knn = monitor(method.encoder)  # its own time is training time too
                 log.write({"step": step, "epoch": epoch, **knn, "seconds": seconds()})
                 method.train()
             if epoch_end or time.perf_counter() - last_save > 60 * settings.checkpoint_minutes:
                 save()
                 last_save = time.perf_counter()
+            if replan is not None and step == replan.at_step:
+                planned_again()
             if stop:  # an interrupted run loses nothing: resume continues from this very step
                 save()
                 raise KeyboardInterrupt
@@ -219,7 +263,7 @@ def _train(
 
 
 def _check(
-    guard: CollapseGuard | None, method: Method, step: int, line: dict[str, Any], log: MetricsLog
+    guard: CollapseGuard | None, method: Method, step: int, line: dict[str, Any], log: RunLog
 ) -> dict[str, float]:
     """The collapse guard's statistics; on collapse the event is logged and CollapseError raised
     (on every process, through dist.from_rank0)."""

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from selfsup.build import load_data, pick_device
 from selfsup.data.datasets import ImageData
-from selfsup.files import MetricsLog
+from selfsup.engine.loggers import append
 from selfsup.probes.features import extract
 from selfsup.probes.statistics import (
     alignment,
@@ -122,7 +122,7 @@ def feature_statistics(
         results["mmd"] = mmd(features[pre], features[~pre], seed=seed)
         stored = {**results, "classes": sorted(set(classes))}
     step = run.checkpoint()["step"]
-    MetricsLog(run.metrics_path).write({"event": "stats", "split": split, "step": step, **stored})
+    append(run, {"event": "stats", "split": split, "step": step, **stored})
     path = run.path / "stats.json"
     merged = json.loads(path.read_text()) if path.is_file() else {}
     merged.setdefault(split, {}).update(stored)

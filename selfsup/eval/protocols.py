@@ -1,8 +1,10 @@
-"""A run's encoder evaluated (kNN, linear probe), the raw-pixel baselines, embedding and export."""
+"""A run's encoder evaluated (kNN, linear probe), the raw-pixel baselines and embedding
+(export: eval/export.py)."""
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,15 +17,32 @@ from selfsup.build import load_data, pick_device
 from selfsup.config import Config
 from selfsup.data.datasets import ImageData
 from selfsup.data.selection import describe, load_split
-from selfsup.files import MetricsLog
+from selfsup.engine.loggers import append
 from selfsup.probes.features import extract, pixel_features
 from selfsup.probes.knn import accuracy, knn
 from selfsup.probes.linear import linear_probe
 from selfsup.registry import DATASETS
 from selfsup.run import Run
 
+logger = logging.getLogger(__name__)
+
 PROTOCOLS = ("knn", "linear")  # of any run's frozen encoder
 CLASSIFY = "classify"  # a classifier run's own predictions (supervised, finetune, distill)
+
+
+def probes_skipped(run: Run) -> str | None:
+    """Why the kNN and linear probes of a run's own data cannot run (its images have no labels,
+    or one class only), or None. From data.json: no image is read."""
+    classes = run.info.get("num_classes")
+    if classes is None:
+        return (
+            f"{run.path} was trained on images without labels; to probe, put the images of each "
+            f"class in a sub-folder of data.root (data.labels=auto), give labels= with images in "
+            f"memory, or probe another dataset with --data"
+        )
+    if classes < 2:
+        return f"{run.path} was trained on one class of images: a probe has nothing to tell apart"
+    return None
 
 
 def _check(protocols: list[str]) -> None:
@@ -164,7 +183,8 @@ def evaluate(
 
     `overrides` change the run's eval.* settings for this evaluation (`with_eval_overrides`).
     Results are appended to the run's metrics.jsonl (event "eval", with "data": the dataset, and
-    the overrides) and merged into <run>/eval.json.
+    the overrides) and merged into <run>/eval.json. A run whose images have no labels skips the
+    probes of its own data with a warning saying so (`probes_skipped`) and returns {}.
     """
     protocols = list(protocols)
     _check(protocols)
@@ -176,6 +196,12 @@ def evaluate(
             f"'classify' scores the run's own classes and has no meaning on another dataset "
             f"({data}); transfer with knn or linear"
         )
+    skipped = probes_skipped(run) if data is None and set(protocols) & set(PROTOCOLS) else None
+    if skipped is not None:
+        logger.warning(f"selfsup: kNN and linear probes skipped: {skipped}")
+        protocols = [p for p in protocols if p not in PROTOCOLS]
+        if not protocols:
+            return {}
     name, train, test, transform = probe_data(run, data, config)
     prefix = "" if data is None else f"{name}/"
     target = pick_device(device)
@@ -198,9 +224,7 @@ def evaluate(
     results = {f"{prefix}{key}": value for key, value in results.items()}
     step = run.checkpoint()["step"]
     given = {"overrides": list(overrides)} if overrides else {}
-    MetricsLog(run.metrics_path).write(
-        {"event": "eval", "data": name, "step": step, **given, **results}
-    )
+    append(run, {"event": "eval", "data": name, "step": step, **given, **results})
     merged = {**stored_results(run), **results}
     (run.path / "eval.json").write_text(json.dumps(merged, indent=1))
     return results
@@ -262,16 +286,6 @@ def embed(
         with open(output, "wb") as f:  # np.save of a path would add .npy to a name without it
             np.save(f, array)
     return array
-
-
-def export(run_dir: str | Path | Run, output: str | Path | None = None) -> Path:
-    """Write the encoder's weights as a plain state dict (a ResNet or ViT backbone: torchvision
-    / timm key names)."""
-    run = run_dir if isinstance(run_dir, Run) else Run(run_dir)
-    path = Path(output) if output is not None else run.path / "encoder.pt"
-    state = {k: v.detach().clone() for k, v in run.encoder.state_dict().items()}
-    torch.save(state, path)
-    return path
 
 
 def summary(run: Run) -> dict[str, Any]:

@@ -103,7 +103,7 @@ def _run(config: Config, recipe: str, seed: int, minutes: float, out: Path) -> d
     run = trained(wanted, out / name, minutes)
     collapsed = collapsed_row(run, (*ACCURACIES, "img_per_s"))
     if collapsed is not None:
-        epochs = run.config.train.epochs
+        epochs = run.epochs
         return {"recipe": recipe, "seed": seed, "epochs": epochs, "knn_curve": [], **collapsed}
     results = probed(run)
     metrics = run.metrics
@@ -115,7 +115,7 @@ def _run(config: Config, recipe: str, seed: int, minutes: float, out: Path) -> d
         "recipe": recipe,
         "seed": seed,
         "run": str(run.path),
-        "epochs": run.config.train.epochs,
+        "epochs": run.epochs,
         "train_seconds": seconds,
         "img_per_s": images / seconds if seconds > 0 else float("nan"),
         "knn_curve": [(r["seconds"], r["knn_top1"]) for r in timed if "knn_top1" in r],

@@ -108,7 +108,7 @@ def _checked(recipe: str, overrides: Sequence[str]) -> Config:
 
 def _measured(run: Any, batches: int, device: str) -> dict[str, Any]:
     """kNN and linear top-1 and the gradient scalars of a run, read back where measured."""
-    row: dict[str, Any] = {"run": str(run.path), "epochs": run.config.train.epochs}
+    row: dict[str, Any] = {"run": str(run.path), "epochs": run.epochs}
     collapsed = collapsed_row(run, (*ACCURACIES, *GRADIENT_KEYS))
     if collapsed is not None:
         return {**row, **collapsed}

@@ -132,7 +132,7 @@ def test_a_resume_that_changes_the_fraction_is_an_error(supervised_config):
 def test_the_knn_monitor_still_sees_the_whole_training_split(supervised_config, monkeypatch):
     sizes = []
 
-    def create(config, data, views, device):
+    def create(config, data, views, device, explain=False):
         sizes.append(len(data))
 
     monkeypatch.setattr(train_module.KnnMonitor, "create", create)
