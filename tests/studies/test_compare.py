@@ -37,7 +37,7 @@ def test_compare_trains_each_recipe_and_seed_at_the_budget_and_writes_the_table(
         run = Run(r["run"])
         budget = next(m for m in run.metrics if m.get("event") == "budget")
         assert budget["budget_minutes"] == 0.05 and run.config.train.seed == r["seed"]
-        assert r["epochs"] == run.config.train.epochs > 0
+        assert r["epochs"] == run.epochs > 0  # the length trained (a re-plan may change it)
         assert 0 <= r["knn_top1"] <= 100 and 0 <= r["linear_top1"] <= 100
         assert r["img_per_s"] > 0 and r["train_seconds"] > 0
         times = [t for t, _ in r["knn_curve"]]
