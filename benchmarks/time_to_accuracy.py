@@ -45,7 +45,10 @@ from selfsup.studies.runs import study_folder
 
 METHODS = ["simclr", "moco_v2", "byol", "barlow_twins", "vicreg", "swav", "dino", "emp_ssl"]
 # The after-recipes that exist so far; a method not here is reported as "no after-recipe yet".
-AFTER = {"barlow_twins": "barlow_twins/fashion_mnist_20px"}
+AFTER = {
+    "barlow_twins": "barlow_twins/fashion_mnist_20px",
+    "vicreg": "vicreg/fashion_mnist_20px",
+}
 ARMS = ("before", "after")
 MARKS = {"knn": "knn_top1", "linear": "linear_top1"}
 # An override starts with `key=`; commas inside a value (a list: views.scale=[0.2,1.0]) stay.

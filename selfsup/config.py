@@ -57,6 +57,8 @@ class OptimConfig:
     schedule: str = "cosine"  # cosine | constant (after warm-up)
     clip: float | None = None  # max gradient norm; None: no clipping
     lars_eta: float = 0.001  # LARS trust coefficient (You et al. 2017)
+    # LARC's clip mode (solo-learn's `clip_lr`): a layer's step is min(eta·||w||/||u||, lr)
+    lars_clip: bool = False
     # parameter-name prefix -> its own lr, fixed lr, weight decay (schedule), frozen epochs;
     # replaces the method's group of that prefix (selfsup/params.py)
     groups: dict[str, Group] = field(default_factory=dict)

@@ -34,7 +34,8 @@ FRACTION: Limit = (lambda v: 0 < v <= 1, "in (0, 1]")
 PARAMETER_LIMITS: dict[str, Limit] = {
     **dict.fromkeys(
         ("temperature", "teacher_temp", "final_teacher_temp", "student_temp", "epsilon", "eps",
-         "width", "std_target", "patch_stride", "size", "image_size", "small_size", "balance"),
+         "width", "std_target", "patch_stride", "size", "image_size", "small_size", "balance",
+         "loss_scale"),
         POSITIVE,
     ),
     **dict.fromkeys(

@@ -11,7 +11,7 @@ import selfsup
 FLOORS = [
     # ground: what everything shares; depends on nothing else in the package
     ["selfsup.registry", "selfsup.step", "selfsup.params", "selfsup.schedules", "selfsup.dist",
-     "selfsup.files"],
+     "selfsup.files", "selfsup.extras"],
     # parts: data, views, backbones, heads, losses, target branches, negatives, plots, the
     # pure probes of features (the engine's kNN monitor and collapse guard use them), and the
     # parts of a loss's gradient (each method's gradient_terms uses them)

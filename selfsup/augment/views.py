@@ -339,11 +339,13 @@ def dino(
     blur_p: float | Sequence[float] = (1.0, 0.1),
     solarize_p: float | Sequence[float] = (0.0, 0.2),
     small_blur_p: float = 0.5,
+    image_size: int | None = None,
 ) -> MultiView:
     """DINO multi-crop (Caron et al. 2021): BYOL's two global views + num_small local views.
 
     Global blur 1.0 / 0.1 and solarize 0 / 0.2; local 96 px (scaled with size), blur 0.5.
-    Small images (28 px) leave the blur out: blur_p=0, small_blur_p=0.
+    Small images (28 px) leave the blur out: blur_p=0, small_blur_p=0. `image_size`: the side
+    of whole images (evaluation) when it differs from the global views' `size`.
     """
     colour = dict(jitter=jitter, jitter_p=jitter_p, grayscale_p=grayscale_p)
     large = _specs(2, blur_p=blur_p, solarize_p=solarize_p, size=size, scale=scale, **colour)
@@ -352,7 +354,7 @@ def dino(
         num_small, blur_p=small_blur_p, size=small_size, scale=small_scale,
         relative_size=SMALL_FRACTION, **colour,
     )  # fmt: skip
-    return MultiView(large, small, name="dino")
+    return MultiView(large, small, name="dino", image_size=image_size)
 
 
 @VIEWS.register("emp_ssl")

@@ -16,7 +16,6 @@ receives the lines already in metrics.jsonl.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import re
@@ -26,6 +25,7 @@ from types import TracebackType
 from typing import Any
 
 from selfsup.config import LOGGERS, Config
+from selfsup.extras import missing, require
 from selfsup.files import MetricsLog, read_metrics
 from selfsup.run import Run
 
@@ -36,12 +36,12 @@ LIBRARIES = {"tensorboard": ("tensorboard", "tensorboard"), "mlflow": ("mlflow",
 
 
 def check_installed(names: tuple[str, ...]) -> None:
-    """One line naming the extra to install for each named logger whose library is missing."""
+    """One line naming the extra to install for the first named logger whose library is missing."""
     for name in names:
-        if name in LIBRARIES and importlib.util.find_spec(LIBRARIES[name][0]) is None:
-            raise ModuleNotFoundError(
-                f"train.loggers names '{name}', and its library is not installed: "
-                f'pip install "selfsup[{LIBRARIES[name][1]}]" (or drop {name} from train.loggers)'
+        if name in LIBRARIES:
+            module, extra = LIBRARIES[name]
+            require(
+                extra, (module,), f"train.loggers' {name}", f"or drop {name} from train.loggers"
             )
 
 
@@ -149,7 +149,7 @@ class MlflowLogger(Logger):
             self.client.log_batch(self.run_id, metrics=metrics)
 
     def truncate_after(self, step: int) -> None:
-        self.run_id = self._find_run()
+        self.run_id = self.find_run()
         if self.run_id is None:  # named on resume: the run so far first
             for record in _kept(self.metrics_path, step):
                 self.write(record)
@@ -176,7 +176,8 @@ class MlflowLogger(Logger):
         except MlflowException:  # created meanwhile by another run of the same name
             return self.client.get_experiment_by_name(self.name).experiment_id
 
-    def _find_run(self) -> str | None:
+    def find_run(self) -> str | None:
+        """The id of the MLflow run this run folder trained in (its `selfsup.run` tag), if any."""
         for found in self.client.search_runs([self._experiment_id()]):
             if found.data.tags.get("selfsup.run") == self.tag:
                 return found.info.run_id
@@ -251,12 +252,12 @@ def append(run: Run, record: dict[str, Any]) -> None:
     results stay in metrics.jsonl."""
     loggers: list[Logger] = []
     for name in run.config.train.loggers:
-        if name in LIBRARIES and importlib.util.find_spec(LIBRARIES[name][0]) is None:
+        if name in LIBRARIES and missing(LIBRARIES[name][0]):
             log.warning(f"{name} is not installed here: this result is in metrics.jsonl only")
             continue
         logger = CLASSES[name](run, run.config)
         if isinstance(logger, MlflowLogger):
-            logger.run_id = logger._find_run()  # None: a new MLflow run holds it
+            logger.run_id = logger.find_run()  # None: a new MLflow run holds it
         loggers.append(logger)
     with RunLog(loggers) as out:
         out.write(record)

@@ -26,14 +26,25 @@ class LARS(torch.optim.Optimizer):
     """SGD with momentum and layer-wise adaptive rate scaling (You et al. 2017, arXiv 1708.03888).
 
     For a group with `lars=True`, the update of each parameter is scaled by the trust ratio
-    eta·||w|| / ||g + wd·w||. Groups of norms and biases set lars=False and weight_decay=0, as
-    SimCLR and BYOL do.
+    eta·||w|| / ||g + wd·w||, so its step is lr·eta·||w|| / ||g + wd·w||. With `clip` (the clip
+    mode of NVIDIA apex's LARC, which solo-learn's CIFAR recipes use: `clip_lr: True`) the trust
+    ratio is divided by lr and capped at 1, so the step is min(eta·||w|| / ||g + wd·w||, lr):
+    each layer moves at its own rate eta·||w||/||u|| unless that exceeds the schedule's lr.
+    Groups of norms and biases set lars=False and weight_decay=0, as SimCLR and BYOL do.
     """
 
     def __init__(
-        self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 1e-3
-    ) -> None:  # noqa: ANN001
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True)
+        self,
+        params,  # noqa: ANN001
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        eta: float = 1e-3,
+        clip: bool = False,
+    ) -> None:
+        defaults = dict(
+            lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True, clip=clip
+        )
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -48,6 +59,8 @@ class LARS(torch.optim.Optimizer):
                     trust = torch.where(
                         (w_norm > 0) & (u_norm > 0), group["eta"] * w_norm / u_norm, 1.0
                     )
+                    if group["clip"] and group["lr"] > 0:
+                        trust = (trust / group["lr"]).clamp(max=1.0)
                     update = update.mul(trust)
                 state = self.state[p]
                 if "momentum_buffer" not in state:
@@ -132,7 +145,9 @@ def build_optimizer(method: Method, config: OptimConfig) -> torch.optim.Optimize
     if config.name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=config.betas)
     if config.name == "lars":
-        return LARS(groups, lr=lr, momentum=config.momentum, eta=config.lars_eta)
+        return LARS(
+            groups, lr=lr, momentum=config.momentum, eta=config.lars_eta, clip=config.lars_clip
+        )
     raise ValueError(f"unknown optimizer '{config.name}'; valid: sgd, adamw, lars")
 
 

@@ -10,7 +10,6 @@ dynamic. Resizing an image to S (embed: its centre square, resized) is the calle
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import logging
 import warnings
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from selfsup.extras import require
 from selfsup.run import Run
 
 FORMATS = ("state_dict", "onnx")
@@ -62,7 +62,7 @@ def export(
     """
     check_format(format)
     if format == "onnx":
-        check_onnx_installed()
+        require("onnx", ONNX_LIBRARIES, "exporting to ONNX")
     run = run_dir if isinstance(run_dir, Run) else Run(run_dir)
     path = Path(output) if output is not None else run.path / DEFAULT_NAMES[format]
     if format == "onnx":
@@ -71,15 +71,6 @@ def export(
         state = {k: v.detach().clone() for k, v in run.encoder.state_dict().items()}
         torch.save(state, path)
     return path
-
-
-def check_onnx_installed() -> None:
-    missing = [name for name in ONNX_LIBRARIES if importlib.util.find_spec(name) is None]
-    if missing:
-        raise ModuleNotFoundError(
-            f"exporting to ONNX needs {' and '.join(missing)}, which is not installed: "
-            f'pip install "selfsup[onnx]"'
-        )
 
 
 def _export_onnx(run: Run, path: Path) -> None:

@@ -9,6 +9,9 @@ negatives, predictor, EMA target or stop-gradient (§2). C is a statistic of the
 official code all-reduces it over the GPUs; here the embeddings of every process are gathered with
 their gradient (`dist.gather`) and C is computed on the global batch, as SimCLR's NT-Xent is.
 VICReg (vicreg.py) regularises each view's covariance instead of the cross-correlation.
+Multi-crop (SwAV's, Caron et al. 2020 §3.2; not in the paper): with small views (`views.small`,
+e.g. the `dino` view set) each small view's embedding is correlated with each of the two global
+views' and the loss is the mean of L over the 1 + 2·n pairs, so n = 0 is eq. 1 itself.
 train.target=stop_gradient or momentum gives it a target side, ½[L(C(z1, t2)) + L(C(t1, z2))]
 with t detached or from a momentum network (target.py; UniGrad, arXiv 2112.05141, Table 2).
 """
@@ -43,14 +46,20 @@ class BarlowTwins(Method):
         hidden: int = 8192,  # projector hidden width (code 8192-8192-8192)
         layers: int = 3,  # linear layers of the projector ("Implementation details")
         off_diagonal_weight: float = 0.0051,  # λ (eq. 1); code --lambd (the paper's text: 5e-3)
+        # the loss times this: 1 as published; solo-learn's recipes use 0.1 (`scale_loss`), which
+        # scales the steps of the norms and biases that LARS leaves unadapted
+        loss_scale: float = 1.0,
     ) -> None:
-        check_method(dim=dim, hidden=hidden, off_diagonal_weight=off_diagonal_weight)
+        check_method(
+            dim=dim, hidden=hidden, off_diagonal_weight=off_diagonal_weight, loss_scale=loss_scale
+        )
         # a projector of at least one layer (SimCLR's layers=0: none at all)
         check_limits("method", {"layers": layers}, {"layers": AT_LEAST_ONE})
         super().__init__(backbone)
         # Linear-BN-ReLU on the hidden layers, a last Linear; no biases anywhere (the code's).
         self.projector = mlp(backbone.num_features, hidden, dim, layers=layers, last_bias=False)
         self.off_diagonal_weight = off_diagonal_weight
+        self.loss_scale = loss_scale
         # the target side: as published, or as train.target sets it (target.py)
         self.target_branch = SiameseTarget(self.backbone, self.projector, paper="online")
 
@@ -61,9 +70,14 @@ class BarlowTwins(Method):
         # (dim, dim) each, over the global batch: C(z1, z2) as published; with a target branch
         # C(z1, t2) and C(t1, z2), the loss their mean ½[L(C(z1, t2)) + L(C(t1, z2))]
         pairs = self.target_branch.pairs((x1, x2), (z1, z2))
+        if views.small:  # multi-crop: each small view against each global view's target side
+            targets = [self.target_branch(x, z) for x, z in ((x1, z1), (x2, z2))]
+            small = [self.projector(self.backbone(x)) for x in views.small]
+            pairs += [(s, t) for s in small for t in targets]
         gather = views.global_batch.gather
         correlations = [cross_correlation(gather(a), gather(b)) for a, b in pairs]
-        loss = torch.stack([barlow_twins(c, self.off_diagonal_weight) for c in correlations]).mean()
+        losses = [barlow_twins(c, self.off_diagonal_weight) for c in correlations]
+        loss = self.loss_scale * torch.stack(losses).mean()
         with torch.no_grad():
             correlation = correlations[0]
             diagonal = correlation.diagonal()
@@ -79,13 +93,15 @@ class BarlowTwins(Method):
         }
 
     def gradient_terms(self, views: Views) -> list[Term]:
-        # on the standardised embeddings; with a target branch each view gets half of its term
+        # on the standardised embeddings; with a target branch each view gets half of its term;
+        # the two global views' term only (a multi-crop run's small views are left out)
         x1, x2 = views.large[:2]
         z1, z2 = (self.projector(self.backbone(x)) for x in (x1, x2))
         s1, s2 = _standardised(z1), _standardised(z2)
         t1 = _standardised(self.target_branch(x1, z1).detach())
         t2 = _standardised(self.target_branch(x2, z2).detach())
-        weight, half = self.off_diagonal_weight, pair_weight(self.target_branch)
+        weight = self.off_diagonal_weight
+        half = pair_weight(self.target_branch) * self.loss_scale
         return [
             ("", scaled(barlow_twins_parts(s1, t2, weight), half), t2),
             ("", scaled(barlow_twins_parts(s2, t1, weight), half), t1),

@@ -60,6 +60,18 @@ def test_lars_scales_each_update_by_the_trust_ratio_by_hand():
     torch.testing.assert_close(w.data, w1 - buffer)
 
 
+@pytest.mark.parametrize(("lr", "expected_step"), [(1.0, 0.01 * 5 / 1.5), (0.02, 0.02)])
+def test_lars_clip_mode_steps_by_the_smaller_of_the_trust_ratio_and_lr(lr, expected_step):
+    """LARC's clip mode (solo-learn's clip_lr): the step is min(eta·||w||/||g + wd·w||, lr)·u."""
+    w = nn.Parameter(torch.tensor([3.0, 4.0]))  # ||w|| = 5
+    optimizer = LARS([w], lr=lr, momentum=0.9, weight_decay=0.1, eta=0.01, clip=True)
+    w.grad = torch.tensor([0.6, 0.8])
+    optimizer.step()
+    # u = g + wd·w = (0.9, 1.2), ||u|| = 1.5; eta·||w||/||u|| = 1/30 against lr 1.0 or 0.02
+    update = torch.tensor([0.9, 1.2])
+    torch.testing.assert_close(w.data, torch.tensor([3.0, 4.0]) - expected_step * update)
+
+
 def test_lars_leaves_norms_and_biases_unadapted_and_undecayed():
     config = OptimConfig(name="lars", weight_decay=0.5)
     optimizer = build_optimizer(Regression(), config)

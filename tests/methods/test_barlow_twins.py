@@ -1,6 +1,8 @@
 """Barlow Twins: the cross-correlation of batch-standardised embeddings and eq. 1's loss, each
 against a direct computation, and the method composed of them."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -107,6 +109,23 @@ def test_barlow_twins_method_loss_is_the_loss_of_its_projector_outputs_and_reach
     assert method.backbone.conv.weight.grad.abs().sum() > 0
 
 
+def test_barlow_twins_multi_crop_averages_eq1_over_the_global_pair_and_small_global_pairs(
+    tiny_backbone, two_views, progress
+):
+    """n small views: mean of L over (z1, z2) and each (small, global) pair, 1 + 2n terms."""
+    generator = torch.Generator().manual_seed(2)
+    small = [torch.randn(6, 1, 4, 4, generator=generator) for _ in range(2)]
+    method = BarlowTwins(tiny_backbone, dim=6, hidden=16)
+    out = method(Views(two_views, small), progress)
+    with torch.no_grad():
+        z1, z2, s1, s2 = (method.projector(method.backbone(x)) for x in two_views + small)
+    pairs = [(z1, z2), (s1, z1), (s1, z2), (s2, z1), (s2, z2)]
+    expected = sum(loss_by_hand(correlation_by_hand(a, b), LAMBDA) for a, b in pairs) / 5
+    torch.testing.assert_close(out["loss"].detach(), torch.tensor(expected, dtype=torch.float32))
+    out["loss"].backward()  # the small views' encoder passes are in the graph
+    assert method.backbone.conv.weight.grad.abs().sum() > 0
+
+
 def test_barlow_twins_projector_is_three_bias_free_linear_layers_with_bn_between(tiny_backbone):
     method = BarlowTwins(tiny_backbone, dim=12, hidden=10)
     linears = [m for m in method.projector if isinstance(m, nn.Linear)]
@@ -118,7 +137,28 @@ def test_barlow_twins_projector_is_three_bias_free_linear_layers_with_bn_between
 
 def test_barlow_twins_defaults_are_the_official_codes():
     defaults = {k: p.default for k, p in parameters(BarlowTwins).items() if k != "backbone"}
-    assert defaults == {"dim": 8192, "hidden": 8192, "layers": 3, "off_diagonal_weight": 0.0051}
+    assert defaults == {
+        "dim": 8192, "hidden": 8192, "layers": 3, "off_diagonal_weight": 0.0051, "loss_scale": 1.0
+    }  # fmt: skip
+
+
+def test_barlow_twins_loss_scale_multiplies_the_loss_and_every_gradient(
+    tiny_backbone, two_views, progress
+):
+    """solo-learn's `scale_loss`: loss_scale · eq. 1, so every gradient is scaled as much."""
+    grads = {}
+    for scale in (1.0, 0.1):
+        torch.manual_seed(0)
+        method = BarlowTwins(copy.deepcopy(tiny_backbone), dim=6, hidden=16, loss_scale=scale)
+        out = method(Views(two_views), progress)
+        with torch.no_grad():
+            z1, z2 = (method.projector(method.backbone(x)) for x in two_views)
+        expected = scale * loss_by_hand(correlation_by_hand(z1, z2), LAMBDA)
+        torch.testing.assert_close(out["loss"].detach(), torch.tensor(expected))
+        out["loss"].backward()
+        grads[scale] = [p.grad.clone() for p in method.parameters()]
+    for full, tenth in zip(grads[1.0], grads[0.1], strict=True):
+        torch.testing.assert_close(tenth, 0.1 * full)
 
 
 @pytest.mark.parametrize("recipe", ["barlow_twins/imagenet", "barlow_twins/fashion_mnist"])
