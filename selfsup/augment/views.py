@@ -254,9 +254,12 @@ def moco_v1(
     solarize_p: float | Sequence[float] = 0.0,
     flip_p: float = 0.5,
     num_views: int = 2,
+    image_size: int | None = None,
 ) -> MultiView:
-    """MoCo v1 (He et al. 2019): crop (0.2, 1), grayscale 0.2, ColorJitter(0.4 x 4) always, flip."""
-    return MultiView(_specs(**locals()), name="moco_v1")
+    """MoCo v1 (He et al. 2019): crop (0.2, 1), grayscale 0.2, ColorJitter(0.4 x 4) always, flip.
+
+    `image_size`: the side of whole images (evaluation) when it differs from the views' `size`."""
+    return MultiView(_specs(**locals()), name="moco_v1", image_size=image_size)
 
 
 @VIEWS.register("moco_v2")
@@ -271,12 +274,14 @@ def moco_v2(
     solarize_p: float | Sequence[float] = 0.0,
     flip_p: float = 0.5,
     num_views: int = 2,
+    image_size: int | None = None,
 ) -> MultiView:
     """MoCo v2 (Chen et al. 2020): v1's crop + SimCLR-style jitter p 0.8, grayscale, blur 0.5.
 
     Registered as `simsiam` too: SimSiam (Chen & He 2020) uses exactly this augmentation.
+    `image_size`: the side of whole images (evaluation) when it differs from the views' `size`.
     """
-    return MultiView(_specs(**locals()), name="moco_v2")
+    return MultiView(_specs(**locals()), name="moco_v2", image_size=image_size)
 
 
 @VIEWS.register("byol")
@@ -309,10 +314,12 @@ def swav(
     grayscale_p: float = 0.2,
     blur_p: float = 0.5,
     num_views: int = 2,
+    image_size: int | None = None,
 ) -> MultiView:
     """SwAV multi-crop (Caron et al. 2020): 2 x 224 (0.14, 1) + 6 x 96 (0.05, 0.14), s = 1.
 
-    small_size None scales 96 with size (96 at 224).
+    small_size None scales 96 with size (96 at 224). `image_size`: the side of whole images
+    (evaluation) when it differs from the views' `size`.
     """
     colour = dict(
         jitter=(0.8 * strength,) * 3 + (0.2 * strength,), jitter_p=jitter_p, grayscale_p=grayscale_p
@@ -323,7 +330,7 @@ def swav(
         num_small, blur_p=blur_p, size=small_size, scale=small_scale,
         relative_size=SMALL_FRACTION, **colour,
     )  # fmt: skip
-    return MultiView(large, small, name="swav")
+    return MultiView(large, small, name="swav", image_size=image_size)
 
 
 @VIEWS.register("dino")
@@ -402,11 +409,13 @@ def crop_flip(
     scale: Sequence[float] = (0.08, 1.0),
     flip_p: float = 0.5,
     num_views: int = 1,
+    image_size: int | None = None,
 ) -> MultiView:
     """Supervised training and fine-tuning: random resized crop and flip only (the standard
-    ImageNet training augmentation; SimCLR fine-tunes with it, App. B.5)."""
+    ImageNet training augmentation; SimCLR fine-tunes with it, App. B.5). `image_size`: the side
+    of whole images (evaluation) when it differs from the views' `size`."""
     spec = ViewSpec(size=size, scale=tuple(scale), flip_p=flip_p, jitter_p=0.0, grayscale_p=0.0)
-    return MultiView([spec] * num_views, name="crop_flip")
+    return MultiView([spec] * num_views, name="crop_flip", image_size=image_size)
 
 
 @VIEWS.register("cmc")

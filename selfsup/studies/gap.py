@@ -55,8 +55,9 @@ from selfsup.studies.runs import (
 
 logger = logging.getLogger(__name__)
 
-# The sections of --set that the supervised baseline takes too (its data and backbone are the
-# recipe's own, already overridden); method, views and optim belong to each recipe.
+# The sections of --set that the supervised baseline takes too (its data, backbone, batch size
+# and probe image size are the recipe's, already overridden); method, views and the rest of
+# optim belong to each recipe.
 SHARED_SECTIONS = ("train", "eval")
 
 
@@ -120,7 +121,7 @@ def semantic_gap(
             raise FileNotFoundError(
                 f"no supervised recipe for dataset '{config.data['name']}' ({supervised}); give "
                 f"one with --supervised, e.g. supervised/fashion_mnist (the study gives it this "
-                f"recipe's data and backbone)"
+                f"recipe's data, backbone and batch size)"
             )
     baseline = _supervised_config(config, supervised, overrides)
     with study_folder(out) as out:
@@ -172,9 +173,16 @@ def _check_sizes(sizes: Sequence[float]) -> list[float]:
 
 def _supervised_config(config: Config, recipe: str, overrides: Sequence[str]) -> Config:
     """The supervised recipe with the data and backbone of `config` (the same encoder on the
-    same images) and the train.* and eval.* overrides."""
+    same images), its batch size (the same steps at every length in epochs), its image size for
+    the probes (whole images at the views' `image_size`, else their `size`: the same pixels
+    probed) and the train.* and eval.* overrides."""
     raw = load_recipe(recipe)
     raw["data"], raw["backbone"] = config.data, config.backbone
+    raw["optim"] = {**raw.get("optim", {}), "batch_size": config.optim.batch_size}
+    probe_size = config.views.get("image_size") or config.views.get("size")
+    views = raw.get("views", {})
+    if probe_size and probe_size != (views.get("image_size") or views.get("size")):
+        raw["views"] = {**views, "image_size": probe_size}
     shared = [item for item in overrides if item.split(".", 1)[0] in SHARED_SECTIONS]
     baseline = resolve(apply_overrides(raw, shared))
     method = baseline.method["name"]

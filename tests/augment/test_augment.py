@@ -370,12 +370,14 @@ def test_moco_v1_and_simclr_presets_use_the_paper_jitter():
     assert math.isclose(VIEWS.build({"name": "simclr"}).large[0].jitter[3], 0.2)
 
 
-@pytest.mark.parametrize("name", ["simclr", "byol"])
+@pytest.mark.parametrize(
+    "name", ["simclr", "byol", "moco_v1", "moco_v2", "simsiam", "swav", "dino", "crop_flip"]
+)
 def test_views_of_one_size_evaluate_whole_images_at_image_size(name):
     views = VIEWS.build({"name": name, "size": 16, "image_size": 24})
     x = uint8_images()  # (32, 3, 32, 32)
     large, _ = views(x, gen())
-    assert [v.shape[-1] for v in large] == [16, 16]
+    assert large and all(v.shape[-1] == 16 for v in large)
     expected = ops.normalize(ops.resize(x.float() / 255, 24), views.mean, views.std)
     torch.testing.assert_close(views.eval_transform(x.float() / 255), expected)
     assert views.size == 24  # the run's image size (data.json), what the probes see

@@ -101,13 +101,15 @@ def test_pre_classes_that_are_not_integers_are_an_error():
 @pytest.fixture
 def recipes(study_config, tmp_path):
     """Tiny SimCLR and supervised recipes (conftest's study_config; the supervised one with
-    another backbone: the study gives it the recipe's)."""
+    another backbone, batch size and view size: the study gives it the recipe's backbone and
+    batch, and probes it on whole images at the recipe's image size)."""
     tiny_config = study_config
     simclr = tmp_path / "simclr.yaml"
     simclr.write_text(yaml.safe_dump(tiny_config))
     tiny_config["method"] = {"name": "supervised"}
-    tiny_config["views"] = {"name": "crop_flip", "size": 16}
+    tiny_config["views"] = {"name": "crop_flip", "size": 12}
     tiny_config["backbone"] = {"name": "resnet18", "stem": "small", "width": 0.25}
+    tiny_config["optim"]["batch_size"] = 4
     supervised = tmp_path / "supervised.yaml"
     supervised.write_text(yaml.safe_dump(tiny_config))
     return str(simclr), str(supervised)
@@ -129,6 +131,9 @@ def test_the_study_trains_each_size_probes_eval_d_and_reuses_finished_runs(
         assert ssl.config.method["name"] == "simclr"
         assert baseline.config.method["name"] == "supervised"
         assert baseline.config.backbone == ssl.config.backbone  # the same encoder
+        assert baseline.config.optim.batch_size == ssl.config.optim.batch_size == 8  # same steps
+        assert baseline.config.views["size"] == 12  # its own views, probed at the recipe's size
+        assert baseline.info["image_size"] == ssl.info["image_size"] == 16
         for run, role in ((ssl, "ssl"), (baseline, "supervised")):
             assert run.config.data["classes"] == [1, 3]  # recorded in config.yaml
             assert run.info["classes"] == ["layout 1", "layout 3"]
