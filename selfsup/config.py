@@ -362,6 +362,7 @@ def resolve(raw: dict[str, Any]) -> Config:
             values[section] = _resolve_dataclass(section, kind, given)
     _check_label_fraction(values["method"]["name"], values["train"].label_fraction)
     _check_target(values["method"]["name"], values["train"].target)
+    _check_small_views(values["method"]["name"], values["views"])
     values["train"] = dataclasses.replace(
         values["train"], loggers=check_loggers(values["train"].loggers)
     )
@@ -378,6 +379,24 @@ def _check_label_fraction(method: str, fraction: float | None) -> None:
             f"train.label_fraction={fraction} keeps a fraction of the labels, and method "
             f"'{method}' trains on no labels (methods that do: {', '.join(takers)}); leave "
             f"train.label_fraction unset"
+        )
+
+
+def _check_small_views(method: str, views: dict[str, Any]) -> None:
+    """A view set with small (multi-crop) views only for a method that trains on them."""
+
+    def uses_small(name: str) -> bool:
+        return getattr(METHODS.get(name), "uses_small_views", False)
+
+    if uses_small(method):
+        return
+    small = VIEWS.build(views).small
+    if small:
+        takers = [n for n in METHODS.names() if uses_small(n)]
+        raise ValueError(
+            f"views.name={views['name']} makes {len(small)} small views per image, and method "
+            f"'{method}' trains on the large ones only (methods that use small views: "
+            f"{', '.join(takers)}); set views.num_small=0 or choose a view set without them"
         )
 
 

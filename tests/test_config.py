@@ -181,3 +181,16 @@ def test_a_backbone_name_override_replaces_the_section_and_says_what_it_dropped(
     same = load_config("simclr/fashion_mnist", ["backbone.name=resnet18", "backbone.width=0.5"])
     assert same.backbone == {"name": "resnet18", "stem": "small", "width": 0.5}
     assert load_config("simclr/fashion_mnist", ["method.name=byol"]).method == {"name": "byol"}
+
+
+def test_small_views_are_refused_for_a_method_that_does_not_train_on_them():
+    multi_crop = ["views.name=dino", "views.size=16", "views.small_size=8"]
+    with pytest.raises(ValueError) as error:
+        load_config("simclr/fashion_mnist", multi_crop)
+    message = str(error.value)
+    assert "views.name=dino makes 8 small views per image" in message
+    assert "method 'simclr'" in message and "views.num_small=0" in message
+    for taker in ("barlow_twins", "dino", "emp_ssl", "swav"):  # the methods that use them
+        assert taker in message
+    assert load_config("simclr/fashion_mnist", [*multi_crop, "views.num_small=0"]).views
+    assert load_config("barlow_twins/fashion_mnist", multi_crop).views["name"] == "dino"

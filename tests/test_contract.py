@@ -50,8 +50,14 @@ def _config(method, backbone, tmp_path):
         },
         "backbone": BACKBONES[backbone],
         "data": {"name": "synthetic", "per_class": 4, "size": 16},
-        # two 16-px global crops and two 8-px local crops: every method finds its views
-        "views": {"name": "swav", "size": 16, "num_small": 2, "small_size": 8, "blur_p": 0.0},
+        # two 16-px global crops, and two 8-px local crops for a method that trains on them
+        "views": {
+            "name": "swav",
+            "size": 16,
+            "small_size": 8,
+            "blur_p": 0.0,
+            "num_small": 2 if METHODS.get(method).uses_small_views else 0,
+        },
         "optim": {"lr": 0.05, "batch_size": 16, "warmup_epochs": 0},
     }
     for parameter, (key, _) in FROM_RUNS.items():  # a run to start from: its copy in tmp_path

@@ -37,6 +37,7 @@ class BarlowTwins(Method):
     """Barlow Twins: shared encoder + projector; cross-correlation of the views towards I."""
 
     target_settings = TARGET_SETTINGS
+    uses_small_views = True  # multi-crop (module docstring)
 
     def __init__(
         self,

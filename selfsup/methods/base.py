@@ -35,6 +35,9 @@ class Method(nn.Module):
     """Backbone plus what a paper adds. Subclasses build their parts and define `forward`."""
 
     uses_labels: ClassVar[bool] = False  # True: the engine fills views.labels
+    # True: forward trains on views.small (multi-crop); a view set with small views is refused
+    # for the others (config.py), which would compute them for nothing
+    uses_small_views: ClassVar[bool] = False
     # the train.target settings it has (selfsup/target.py); "method" only: no target branch
     target_settings: ClassVar[tuple[str, ...]] = ("method",)
 

@@ -33,6 +33,7 @@ class DINO(Method):
     """DINO: a student matches an EMA teacher's centred, sharpened distribution over crops."""
 
     target_settings = TARGET_SETTINGS  # momentum: its own EMA, as published (target.py)
+    uses_small_views = True  # the local crops (§3.1, multi-crop)
 
     def __init__(
         self,

@@ -92,6 +92,8 @@ class BagOfFeatures(nn.Module):
 class EMPSSL(Method):
     """EMP-SSL: n patches per image; total coding rate + invariance to the patches' mean."""
 
+    uses_small_views = True  # every patch, large or small, is one of the n
+
     def __init__(
         self,
         backbone: nn.Module,

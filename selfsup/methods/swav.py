@@ -36,6 +36,8 @@ QUEUED_CROPS = 2  # the queue keeps the two large crops' projections (code: crop
 class SwAV(Method):
     """SwAV: each crop predicts the Sinkhorn codes of the other large crops over K prototypes."""
 
+    uses_small_views = True  # the small crops predict (§3.2, multi-crop)
+
     def __init__(
         self,
         backbone: nn.Module,

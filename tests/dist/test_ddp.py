@@ -33,6 +33,7 @@ from selfsup.engine.optim import build_optimizer
 from selfsup.engine.step import Precision, training_step
 from selfsup.engine.train import train
 from selfsup.files import load_checkpoint
+from selfsup.registry import METHODS as REGISTRY
 from selfsup.step import Progress, Views
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -63,7 +64,13 @@ def _step(name: str, rank: int, world: int, sync_bn: bool = False) -> dict:
             "method": {"name": name, **METHODS[name]},
             "backbone": {"name": "resnet18", "stem": "small", "width": 0.125},
             "data": {"name": "synthetic", "per_class": 4, "size": 16},
-            "views": {"name": "swav", "size": 16, "num_small": 2, "small_size": 8, "blur_p": 0.0},
+            "views": {
+                "name": "swav",
+                "size": 16,
+                "small_size": 8,
+                "blur_p": 0.0,
+                "num_small": 2 if REGISTRY.get(name).uses_small_views else 0,
+            },
             "optim": {"lr": 0.0, "batch_size": BATCH, "warmup_epochs": 0},
         }
     )

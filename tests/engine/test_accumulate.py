@@ -23,6 +23,7 @@ from selfsup.engine.accumulate import Accumulation, merge
 from selfsup.engine.optim import build_optimizer
 from selfsup.engine.step import Precision, training_step
 from selfsup.methods.base import Method
+from selfsup.registry import METHODS as REGISTRY
 from selfsup.step import Progress, Views
 
 BATCH = 16
@@ -67,7 +68,13 @@ def _config(name: str):
             "method": {"name": method, **METHODS[name]},
             "backbone": {"name": "resnet18", "stem": "small", "width": 0.125},
             "data": {"name": "synthetic", "per_class": 4, "size": 16},
-            "views": {"name": "swav", "size": 16, "num_small": 2, "small_size": 8, "blur_p": 0.0},
+            "views": {
+                "name": "swav",
+                "size": 16,
+                "small_size": 8,
+                "blur_p": 0.0,
+                "num_small": 2 if REGISTRY.get(method).uses_small_views else 0,
+            },
             "optim": {"lr": 0.0, "batch_size": BATCH, "warmup_epochs": 0},
         }
     )
