@@ -56,7 +56,7 @@ class OptimConfig:
     final_lr: float = 0.0
     schedule: str = "cosine"  # cosine | constant (after warm-up)
     clip: float | None = None  # max gradient norm; None: no clipping
-    lars_eta: float = 0.001  # LARS trust coefficient (You et al. 2017)
+    lars_eta: float = 0.001  # LARS trust coefficient (You et al. 2017); other optimisers: unused
     # LARC's clip mode (solo-learn's `clip_lr`): a layer's step is min(eta·||w||/||u||, lr)
     lars_clip: bool = False
     # parameter-name prefix -> its own lr, fixed lr, weight decay (schedule), frozen epochs;
@@ -363,6 +363,11 @@ def resolve(raw: dict[str, Any]) -> Config:
     _check_label_fraction(values["method"]["name"], values["train"].label_fraction)
     _check_target(values["method"]["name"], values["train"].target)
     _check_small_views(values["method"]["name"], values["views"])
+    if values["optim"].lars_clip and values["optim"].name != "lars":
+        raise ValueError(
+            f"optim.lars_clip=true clips LARS's layer-wise rate, and optim.name="
+            f"{values['optim'].name} has none; set optim.name=lars or leave optim.lars_clip false"
+        )
     values["train"] = dataclasses.replace(
         values["train"], loggers=check_loggers(values["train"].loggers)
     )

@@ -194,3 +194,9 @@ def test_small_views_are_refused_for_a_method_that_does_not_train_on_them():
         assert taker in message
     assert load_config("simclr/fashion_mnist", [*multi_crop, "views.num_small=0"]).views
     assert load_config("barlow_twins/fashion_mnist", multi_crop).views["name"] == "dino"
+
+
+def test_lars_clip_is_refused_for_an_optimiser_other_than_lars():
+    with pytest.raises(ValueError, match="optim.lars_clip=true .* optim.name=sgd has none"):
+        load_config("simsiam/fashion_mnist", ["optim.lars_clip=true"])
+    assert load_config("barlow_twins/fashion_mnist", ["optim.lars_clip=true"]).optim.lars_clip
