@@ -5,6 +5,7 @@ folder in use (two processes never share one), and output paths given as folders
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -17,7 +18,7 @@ import socket
 import tempfile
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,28 @@ def hold_folder(folder: str | Path, label: str = "run folder", way_out: str = ""
         # closing releases the lock; the file stays, as deleting it would let a process that
         # opened it before the deletion and one that creates it anew both hold "the" lock
         os.close(handle)
+
+
+def merge_json(path: Path, update: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Read the JSON object in `path` ({} where there is none), let `update` change it in place,
+    write it back and return it: under an exclusive flock of `.<name>.lock` beside it, so two
+    processes that add results to one file at once (`selfsup eval` and `selfsup stats` of one
+    run) both keep theirs, and through a temporary file renamed into place, so a reader never
+    sees half a file. The lock file stays (deleting it would let two processes hold "the" lock)."""
+    handle = os.open(path.with_name(f".{path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        # waits (the holder only reads and writes a file); a file system without locks: unguarded
+        with contextlib.suppress(OSError):
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        merged = json.loads(path.read_text()) if path.is_file() else {}
+        update(merged)
+        tmp.write_text(json.dumps(merged, indent=1))
+        os.replace(tmp, path)
+        return merged
+    finally:
+        os.close(handle)
+        tmp.unlink(missing_ok=True)
 
 
 def save_atomic(state: dict[str, Any], path: Path, previous: Path | None = None) -> None:

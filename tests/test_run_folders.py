@@ -2,6 +2,7 @@
 trained is locked against a second `train --resume`, and a study's --out against a second study.
 A lock dies with its process, even by kill -9."""
 
+import json
 import multiprocessing
 import os
 import signal
@@ -17,7 +18,7 @@ import selfsup
 import selfsup.run as run_module
 from selfsup.cli import main
 from selfsup.config import resolve
-from selfsup.files import LOCK_FILE, FolderInUseError, hold_folder
+from selfsup.files import LOCK_FILE, FolderInUseError, hold_folder, merge_json
 from selfsup.run import Run
 from selfsup.studies.runs import study_folder
 
@@ -184,3 +185,28 @@ def test_a_second_study_pointed_at_one_out_folder_stops_naming_the_first(
     assert f"--out folder {out} is in use by process {os.getpid()} " in err
     assert err.strip().endswith("wait for it to finish or stop it, or choose another --out")
     assert os.listdir(out) == [LOCK_FILE]  # nothing trained
+
+
+def _add_results(path, worker, barrier):
+    def update(stored):
+        time.sleep(0.002)  # between reading and writing: where a second process would step in
+        stored[f"{worker}-{len([k for k in stored if k.startswith(f'{worker}-')])}"] = worker
+
+    barrier.wait()
+    for _ in range(20):
+        merge_json(path, update)
+
+
+def test_processes_adding_results_to_one_file_at_once_all_keep_theirs(tmp_path):
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps({"knn_top1": 80.0}))
+    context = multiprocessing.get_context("fork")
+    barrier = context.Barrier(4)
+    processes = [context.Process(target=_add_results, args=(path, w, barrier)) for w in range(4)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=60)
+    stored = json.loads(path.read_text())
+    assert len(stored) == 1 + 4 * 20 and stored["knn_top1"] == 80.0
+    assert sorted(os.listdir(tmp_path)) == [".eval.json.lock", "eval.json"]  # no temporary left

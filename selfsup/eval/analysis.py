@@ -4,7 +4,6 @@ and the distance between the features of chosen classes ("pre-D") and of the res
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ from torch import Tensor
 from selfsup.build import load_data, pick_device
 from selfsup.data.datasets import ImageData
 from selfsup.engine.loggers import append
+from selfsup.files import merge_json
 from selfsup.probes.features import extract
 from selfsup.probes.statistics import (
     alignment,
@@ -123,8 +123,5 @@ def feature_statistics(
         stored = {**results, "classes": sorted(set(classes))}
     step = run.checkpoint()["step"]
     append(run, {"event": "stats", "split": split, "step": step, **stored})
-    path = run.path / "stats.json"
-    merged = json.loads(path.read_text()) if path.is_file() else {}
-    merged.setdefault(split, {}).update(stored)
-    path.write_text(json.dumps(merged, indent=1))
+    merge_json(run.path / "stats.json", lambda merged: merged.setdefault(split, {}).update(stored))
     return results

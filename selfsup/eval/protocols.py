@@ -18,6 +18,7 @@ from selfsup.config import Config
 from selfsup.data.datasets import ImageData
 from selfsup.data.selection import describe, load_split
 from selfsup.engine.loggers import append
+from selfsup.files import merge_json
 from selfsup.probes.features import extract, pixel_features
 from selfsup.probes.knn import accuracy, knn
 from selfsup.probes.linear import linear_probe
@@ -225,8 +226,7 @@ def evaluate(
     step = run.checkpoint()["step"]
     given = {"overrides": list(overrides)} if overrides else {}
     append(run, {"event": "eval", "data": name, "step": step, **given, **results})
-    merged = {**stored_results(run), **results}
-    (run.path / "eval.json").write_text(json.dumps(merged, indent=1))
+    merge_json(run.path / "eval.json", lambda stored: stored.update(results))
     return results
 
 

@@ -12,7 +12,6 @@ compare runs (self-supervised with a projector, without one, supervised) on one 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from torch import Tensor, nn
 
 from selfsup.build import pick_device
 from selfsup.eval.protocols import PROTOCOLS, probe, probe_data
+from selfsup.files import merge_json
 from selfsup.heads import mlp_blocks
 from selfsup.plot import plot_stages
 from selfsup.probes.features import extract
@@ -154,10 +154,7 @@ def stage_probes(
         row: dict[str, Any] = {"stage": stage, "dim": features.shape[1]}
         row.update({f"{p}_top1": results[f"{p}_top1"] for p in ("linear", "knn") if p in protocols})
         rows.append(row)
-    stored = run.path / "stages.json"
-    merged = json.loads(stored.read_text()) if stored.is_file() else {}
-    merged[name] = rows
-    stored.write_text(json.dumps(merged, indent=1))
+    merge_json(run.path / "stages.json", lambda merged: merged.update({name: rows}))
     return rows
 
 
