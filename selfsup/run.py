@@ -10,7 +10,8 @@
 <run>/init/, <run>/teacher/  config.yaml and data.json of the runs train.init / train.teacher
                            named (fine-tuning, distillation): the run rebuilds without them
 <run>/labelled.json        train.label_fraction's class-balanced subset (semi-supervised)
-<run>/eval.json, stats.json, stages.json, gradients.json   what the evaluations measured
+<run>/eval.json, stats.json, stages.json, gradients.json   what the evaluations measured (the
+                           first three merged under .eval.json.lock etc.: files.merge_json)
 <run>/.lock                the process training it (files.hold_folder: no second one resumes it)
 """
 
