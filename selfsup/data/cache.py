@@ -7,8 +7,9 @@ in its page cache), never decodes a JPEG again and never holds the whole set in 
 augmentation takes the batch from there, as from an in-memory split.
 
 The cache is named by what it holds (the folder, its files with their sizes and modification
-times, the size and the channels setting), so a changed folder gets a new cache and an unchanged one
-is reused by every run. Decoding a large folder takes long: progress goes to stderr, and an
+times, the size and the channels setting, and the decoding rule: `formats.DECODING` and Pillow's
+version), so a changed folder or rule gets a new cache and an unchanged one is reused by every
+run. Decoding a large folder takes long: progress goes to stderr, and an
 interrupted decode resumes where it stopped (the decoded rows are marked in a file saved every
 few seconds). Unreadable images are skipped and counted, as in memory.
 """
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import PIL
 
 from selfsup.data import formats
 from selfsup.files import make_folder
@@ -97,7 +99,10 @@ def _pool(workers: int) -> Iterator[ProcessPoolExecutor]:
 
 
 def _key(folder: Path, files: list[Path], size: int, channels: int | None) -> str:
-    digest = hashlib.sha256(f"{folder.resolve()}|{size}|{channels}".encode())
+    """The cache's name: the folder, the size and channels asked for, how images are decoded
+    (formats.DECODING, and Pillow's version, whose resampling may change) and every file."""
+    rules = f"{formats.DECODING}|Pillow {PIL.__version__}"
+    digest = hashlib.sha256(f"{folder.resolve()}|{size}|{channels}|{rules}".encode())
     for f in files:
         stat = f.stat()
         digest.update(f"{f.relative_to(folder)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())

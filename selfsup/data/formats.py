@@ -179,6 +179,11 @@ def to_mode(image: Image.Image, mode: str) -> Image.Image:
     return image.convert(mode)
 
 
+# How load_image turns a file into pixels. Part of the name of a decoded cache (data/cache.py):
+# change it with any change to load_image or to_mode, so no cache of the old rule is reused.
+DECODING = "to_mode 2026-12-01; shorter side to size, bilinear; centre square"
+
+
 def load_image(path: Path, mode: str, size: int | None) -> np.ndarray:
     """One image in PIL mode 'L' or 'RGB' (`to_mode`) -> (C, H, W) uint8; with `size`, the
     shorter side is resized to `size` and the centre `size` x `size` square kept (aspect ratio

@@ -63,6 +63,20 @@ def test_an_unchanged_folder_reuses_its_cache_and_a_changed_one_gets_a_new_one(
     assert len(list(cache.glob("*.u8"))) == 2
 
 
+@pytest.mark.parametrize("changed", ["rule", "pillow"])
+def test_a_cache_decoded_by_another_rule_or_pillow_is_not_reused(
+    folder, tmp_path, monkeypatch, changed
+):
+    cache = tmp_path / "cache"
+    image_folder(root=str(folder), size=12, cache=str(cache), workers=1)
+    if changed == "rule":
+        monkeypatch.setattr(cache_module.formats, "DECODING", "another rule")
+    else:
+        monkeypatch.setattr(cache_module.PIL, "__version__", "0.0.1")
+    image_folder(root=str(folder), size=12, cache=str(cache), workers=1)
+    assert len(list(cache.glob("*.u8"))) == 2  # decoded anew, beside the first
+
+
 def test_an_interrupted_decode_resumes_where_it_stopped(folder, tmp_path, monkeypatch, caplog):
     cache = tmp_path / "cache"
     monkeypatch.setattr(cache_module, "SAVE_SECONDS", 0.0)  # progress saved after every task
