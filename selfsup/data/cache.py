@@ -16,10 +16,14 @@ few seconds). Unreadable images are skipped and counted, as in memory.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import hashlib
 import json
 import logging
 import os
+import signal
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -39,6 +43,7 @@ logger = logging.getLogger(__name__)
 SAVE_SECONDS = 10.0  # how often an interrupted decode's progress is saved
 REPORT_SECONDS = 10.0  # how often progress is logged
 CHUNK = 64  # files per task of a worker
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def cached_image_folder(
@@ -85,11 +90,29 @@ def cached_image_folder(
     return images, labels, classes, (meta["mean"], meta["std"]), files
 
 
+def _die_with_parent(parent: int) -> None:
+    """In a worker, first: on Linux, ask the kernel for SIGTERM when the process that started
+    it ends (prctl PR_SET_PDEATHSIG), so a decode killed with SIGKILL leaves no worker behind
+    waiting for tasks; elsewhere the workers end with the pool as usual."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # it ended before the request was made
+        os._exit(1)
+
+
 @contextmanager
 def _pool(workers: int) -> Iterator[ProcessPoolExecutor]:
-    """Worker processes (forked: they need only Pillow and numpy, and start at once); on an
-    error or Ctrl-C the tasks not started yet are dropped instead of waited for."""
-    pool = ProcessPoolExecutor(workers, mp_context=get_context("fork"))
+    """Worker processes (forked: they need only Pillow and numpy, and start at once; they end
+    when this process ends, even by SIGKILL: `_die_with_parent`); on an error or Ctrl-C the
+    tasks not started yet are dropped instead of waited for."""
+    pool = ProcessPoolExecutor(
+        workers,
+        mp_context=get_context("fork"),
+        initializer=_die_with_parent,
+        initargs=(os.getpid(),),
+    )
     try:
         yield pool
     except BaseException:

@@ -9,6 +9,7 @@ import select
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -174,6 +175,18 @@ cache.cached_image_folder(folder, 12, None, out, workers=2)
 """
 
 
+def _live_members(group: int) -> list[int]:
+    """The processes of process group `group` that have not ended (zombies count as ended)."""
+    live = []
+    for entry in os.listdir("/proc"):
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rpartition(")")[2].split()  # after "pid (comm)"
+            if entry.isdigit() and int(fields[2]) == group and fields[0] != "Z":
+                live.append(int(entry))
+    return live
+
+
 @pytest.mark.parametrize("stage", ["decoding", "closing the gaps"])
 def test_a_decode_killed_with_sigkill_leaves_no_cache_that_a_later_run_trusts(
     stage, tmp_path, caplog
@@ -199,6 +212,11 @@ def test_a_decode_killed_with_sigkill_leaves_no_cache_that_a_later_run_trusts(
         )
         os.kill(build.pid, signal.SIGKILL)
         build.wait()
+        if sys.platform.startswith("linux"):  # its workers end with it (PR_SET_PDEATHSIG)
+            deadline = time.monotonic() + 20
+            while _live_members(build.pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert not _live_members(build.pid), "decoding workers outlived the killed process"
     finally:
         with contextlib.suppress(ProcessLookupError):  # its workers, which would wait forever
             os.killpg(build.pid, signal.SIGKILL)
