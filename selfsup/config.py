@@ -54,7 +54,10 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)  # adamw
     warmup_epochs: float = 10.0  # linear warm-up, then cosine decay to final_lr
     final_lr: float = 0.0
-    schedule: str = "cosine"  # cosine | constant (after warm-up)
+    # after warm-up: cosine, or linear (Li et al. 2020, "Budgeted Training", arXiv 1905.04753:
+    # linear decay to zero is the better schedule when a budget sets the length), to final_lr;
+    # or constant
+    schedule: str = "cosine"
     clip: float | None = None  # max gradient norm; None: no clipping
     lars_eta: float = 0.001  # LARS trust coefficient (You et al. 2017); other optimisers: unused
     # LARC's clip mode (solo-learn's `clip_lr`): a layer's step is min(eta·||w||/||u||, lr)
@@ -491,6 +494,25 @@ def _checkable(annotation: Any) -> bool:
     return annotation in simple
 
 
+# Settings with a fixed set of values, checked when the config is read (the engine's parts check
+# them again against these lists for a config built in code).
+CHOICES = {
+    "optim.name": ("sgd", "adamw", "lars"),
+    "optim.lr_scaling": ("linear", "none"),
+    "optim.schedule": ("cosine", "linear", "constant"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
+}
+
+
+def check_choice(key: str, value: str) -> None:
+    """`value` is one of CHOICES[key], else a ValueError naming the close match and the list."""
+    valid = CHOICES[key]
+    if value not in valid:
+        raise ValueError(
+            f"unknown {key} '{value}'{suggest(str(value), list(valid))}; valid: {', '.join(valid)}"
+        )
+
+
 def _resolve_dataclass(section: str, cls: type, given: Any) -> Any:
     if isinstance(given, cls):
         return given
@@ -511,6 +533,9 @@ def _resolve_dataclass(section: str, cls: type, given: Any) -> Any:
     except ValueError as error:
         raise ValueError(f"'{section}': {error}") from None
     _check_limits(section, value)
+    for key in CHOICES:
+        if key.startswith(f"{section}."):
+            check_choice(key, getattr(value, key.partition(".")[2]))
     return value
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 
 def cosine(start: float, end: float, fraction: float) -> float:
@@ -23,10 +24,16 @@ def linear_warmup(start: float, end: float, fraction: float) -> float:
 
 
 def warmup_cosine(
-    base: float, step: float, total_steps: int, warmup_steps: int, final: float = 0.0
+    base: float,
+    step: float,
+    total_steps: int,
+    warmup_steps: int,
+    final: float = 0.0,
+    decay: Callable[[float, float, float], float] = cosine,
 ) -> float:
-    """Linear warm-up from ~0 to `base` over `warmup_steps`, then cosine decay to `final`."""
+    """Linear warm-up from ~0 to `base` over `warmup_steps`, then `decay` (cosine, or
+    linear_warmup for a straight line) from `base` to `final` over the remaining steps."""
     if step < warmup_steps:
         return base * (step + 1) / warmup_steps
     decay_steps = max(total_steps - warmup_steps, 1)
-    return cosine(base, final, (step - warmup_steps) / decay_steps)
+    return decay(base, final, (step - warmup_steps) / decay_steps)

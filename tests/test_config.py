@@ -200,3 +200,19 @@ def test_lars_clip_is_refused_for_an_optimiser_other_than_lars():
     with pytest.raises(ValueError, match="optim.lars_clip=true .* optim.name=sgd has none"):
         load_config("simsiam/fashion_mnist", ["optim.lars_clip=true"])
     assert load_config("barlow_twins/fashion_mnist", ["optim.lars_clip=true"]).optim.lars_clip
+
+
+@pytest.mark.parametrize(
+    "key, value, close",
+    [
+        ("optim.name", "lasr", "lars"),
+        ("optim.schedule", "cosin", "cosine"),
+        ("optim.lr_scaling", "linaer", "linear"),
+        ("train.precision", "fp61", "fp16"),
+    ],
+)
+def test_a_setting_with_fixed_values_is_checked_when_the_config_is_read(key, value, close):
+    with pytest.raises(
+        ValueError, match=f"unknown {key} '{value}' \\(did you mean '{close}'\\?\\)"
+    ):
+        load_config("simclr/fashion_mnist", [f"{key}={value}"])

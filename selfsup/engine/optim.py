@@ -14,10 +14,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from selfsup.config import OptimConfig
+from selfsup.config import OptimConfig, check_choice
 from selfsup.methods.base import Method
 from selfsup.params import Group
-from selfsup.schedules import cosine, warmup_cosine
+from selfsup.schedules import cosine, linear_warmup, warmup_cosine
 
 DEFAULT_GROUP = ""  # the prefix of every parameter that no other group claims
 
@@ -136,8 +136,8 @@ def peak_lr(config: OptimConfig, lr: float | None = None) -> float:
 
 
 def build_optimizer(method: Method, config: OptimConfig) -> torch.optim.Optimizer:
-    if config.lr_scaling not in ("linear", "none"):
-        raise ValueError(f"optim.lr_scaling must be 'linear' or 'none', got '{config.lr_scaling}'")
+    check_choice("optim.lr_scaling", config.lr_scaling)
+    check_choice("optim.name", config.name)
     groups = parameter_groups(method, config)
     lr = peak_lr(config)
     if config.name == "sgd":
@@ -148,7 +148,7 @@ def build_optimizer(method: Method, config: OptimConfig) -> torch.optim.Optimize
         return LARS(
             groups, lr=lr, momentum=config.momentum, eta=config.lars_eta, clip=config.lars_clip
         )
-    raise ValueError(f"unknown optimizer '{config.name}'; valid: sgd, adamw, lars")
+    raise AssertionError(f"optim.name '{config.name}' is in CHOICES but has no optimiser here")
 
 
 class Schedule:
@@ -168,10 +168,7 @@ class Schedule:
         total_steps: int,
         stretch: tuple[int, int] | None = None,
     ) -> None:
-        if config.schedule not in ("cosine", "constant"):
-            raise ValueError(
-                f"optim.schedule must be 'cosine' or 'constant', got '{config.schedule}'"
-            )
+        check_choice("optim.schedule", config.schedule)
         self.optimizer, self.config = optimizer, config
         self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
         self.stretch(*(stretch or (total_steps, total_steps)))
@@ -194,11 +191,15 @@ class Schedule:
         return k + (step - k) * (self.total_steps - k) / (self.steps - k)
 
     def learning_rate(self, step: int, peak: float | None = None) -> float:
-        """Linear warm-up over warmup_epochs, then cosine decay to final_lr (or constant)."""
+        """Linear warm-up over warmup_epochs, then cosine or linear decay to final_lr (or
+        constant)."""
         peak = peak_lr(self.config) if peak is None else peak
         warmup_steps = round(self.config.warmup_epochs * self.steps_per_epoch)
-        total = self.total_steps if self.config.schedule == "cosine" else 10**18
-        return warmup_cosine(peak, self.position(step), total, warmup_steps, self.config.final_lr)
+        schedule = self.config.schedule
+        total = self.total_steps if schedule != "constant" else 10**18
+        decay = linear_warmup if schedule == "linear" else cosine
+        at = self.position(step)
+        return warmup_cosine(peak, at, total, warmup_steps, self.config.final_lr, decay)
 
     def apply(self, step: int) -> None:
         """Set each group's learning rate and weight decay for the step `step` (0-based)."""

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from selfsup.config import check_choice
 from selfsup.engine.accumulate import Accumulation
 from selfsup.engine.optim import Schedule
 from selfsup.methods.base import Method
@@ -18,11 +19,10 @@ class Precision:
     """Autocast context and gradient scaler: bf16 autocast on CUDA by default, fp32 on CPU."""
 
     def __init__(self, name: str, device: torch.device) -> None:
+        check_choice("train.precision", name)
         if name == "auto":
             name = "bf16" if device.type == "cuda" else "fp32"
         dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-        if name not in dtypes:
-            raise ValueError(f"train.precision must be auto, fp32, bf16 or fp16, got '{name}'")
         self.device_type, self.dtype = device.type, dtypes[name]
         self.scaler = torch.amp.GradScaler(device.type, enabled=name == "fp16")
 

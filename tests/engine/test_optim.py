@@ -98,6 +98,20 @@ def test_warmup_then_cosine_gives_the_formula_at_chosen_steps():
     assert schedule.learning_rate(60) == schedule.learning_rate(109) == pytest.approx(0.4)
 
 
+def test_the_linear_schedule_falls_in_a_straight_line_from_the_peak_to_final_lr():
+    config = OptimConfig(lr=0.2, batch_size=512, warmup_epochs=1, final_lr=0.001, schedule="linear")
+    schedule = Schedule(build_optimizer(Regression(), config), config, 10, 110)
+    expected = {
+        4: 0.4 * 5 / 10,  # the same warm-up
+        10: 0.4,
+        35: 0.4 - (0.4 - 0.001) * 25 / 100,  # a quarter of the decay: a quarter of the way down
+        60: 0.001 + (0.4 - 0.001) / 2,
+        109: 0.4 - (0.4 - 0.001) * 99 / 100,
+    }
+    for step, lr in expected.items():
+        assert schedule.learning_rate(step) == pytest.approx(lr), step
+
+
 def test_a_fixed_lr_group_keeps_its_peak_lr_through_warmup_and_decay():
     method = Regression({"head": Group(fixed_lr=True, lr=0.05)})
     config = OptimConfig(lr=0.1, batch_size=256, warmup_epochs=1)
