@@ -33,7 +33,7 @@ from selfsup.params import (
     Limit,
     check_limits,
 )
-from selfsup.registry import BACKBONES, DATASETS, METHODS, VIEWS, Registry, suggest
+from selfsup.registry import BACKBONES, DATASETS, METHODS, VIEWS, Registry, parameters, suggest
 from selfsup.target import TARGET_SETTINGS
 
 log = logging.getLogger(__name__)
@@ -398,11 +398,14 @@ def _check_small_views(method: str, views: dict[str, Any]) -> None:
 
     if uses_small(method):
         return
-    small = VIEWS.build(views).small
+    # the view set's num_small, given or its default (views without one make none); read, not
+    # built, so a bad value of another view setting is left to that setting's own check
+    default = parameters(VIEWS.get(views["name"])).get("num_small")
+    small = views.get("num_small", default.default if default is not None else 0)
     if small:
         takers = [n for n in METHODS.names() if uses_small(n)]
         raise ValueError(
-            f"views.name={views['name']} makes {len(small)} small views per image, and method "
+            f"views.name={views['name']} makes {small} small views per image, and method "
             f"'{method}' trains on the large ones only (methods that use small views: "
             f"{', '.join(takers)}); set views.num_small=0 or choose a view set without them"
         )
