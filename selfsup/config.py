@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -489,12 +490,17 @@ def _hints(fn: Any) -> dict[str, Any]:
         return {}
 
 
+_SIMPLE = {int, float, str, bool, type(None)}
+
+
 def _checkable(annotation: Any) -> bool:
-    """Only plain scalars (and their optional forms) are checked; anything else passes as given."""
-    simple = {int, float, str, bool, type(None)}
+    """Plain scalars, sequences of one scalar type (`Sequence[float]`) and unions of those (`float
+    | Sequence[float]`, `X | None`) are checked; anything else passes as given."""
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        return all(a in simple for a in typing.get_args(annotation))
-    return annotation in simple
+        return all(_checkable(a) for a in typing.get_args(annotation))
+    if typing.get_origin(annotation) is Sequence:
+        return typing.get_args(annotation)[0] in _SIMPLE
+    return annotation in _SIMPLE
 
 
 # Settings with a fixed set of values, checked when the config is read (the engine's parts check
@@ -556,8 +562,10 @@ def _coerce(where: str, value: Any, annotation: Any) -> Any:
             try:
                 return _coerce(where, value, option)
             except ValueError as error:
-                errors.append(str(error))
-        raise ValueError(errors[0])
+                # a list is told about against the option that takes a list
+                listed = typing.get_origin(option) in (tuple, Sequence)
+                errors.append((listed != isinstance(value, (list, tuple)), str(error)))
+        raise ValueError(min(errors)[1])
     if origin is dict:
         if not isinstance(value, dict):
             raise ValueError(f"'{where}' expects a mapping, got {value!r}")
@@ -575,6 +583,16 @@ def _coerce(where: str, value: Any, annotation: Any) -> Any:
             raise ValueError(f"'{where}' expects a list, got {value!r}")
         args = typing.get_args(annotation)
         return tuple(_coerce(where, v, args[0]) for v in value)
+    if origin is Sequence:  # a view set's scale=[0.2, 1.0]: the list stays a list (config.yaml)
+        item = typing.get_args(annotation)[0]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"'{where}' expects a list of {item.__name__}, got {value!r}")
+        try:
+            return type(value)(_coerce(where, v, item) for v in value)
+        except ValueError:
+            raise ValueError(
+                f"'{where}' expects a list of {item.__name__}, got {value!r}"
+            ) from None
     if annotation is bool:
         if not isinstance(value, bool):
             raise ValueError(f"'{where}' expects true or false, got {value!r}")

@@ -71,6 +71,30 @@ def test_registry_values_are_typed_from_the_constructor_signature():
         resolve(apply_overrides(BASE, ["method.dim=wide"]))
 
 
+def test_list_values_of_registry_entries_are_typed_when_the_config_is_read():
+    # views.scale is Sequence[float], blur_p float | Sequence[float]: a number where a list is
+    # wanted (or a word in the list) fails here, naming the key, not where the views are built
+    views = {"views": {"name": "byol", "size": 20}}
+    config = resolve({**BASE, **views, "views": {**views["views"], "scale": [0.2, 1]}})
+    assert config.views["scale"] == [0.2, 1.0]
+    with pytest.raises(ValueError, match="'views.scale' expects a list of float, got 0"):
+        resolve(apply_overrides({**BASE, **views}, ["views.scale=0"]))
+    with pytest.raises(
+        ValueError, match=r"'views.scale' expects a list of float, got \[0.2, 'x'\]"
+    ):
+        resolve(apply_overrides({**BASE, **views}, ["views.scale=[0.2,x]"]))
+    with pytest.raises(ValueError, match=r"'views.blur_p' expects a list of float"):
+        resolve(apply_overrides({**BASE, **views}, ["views.blur_p=[0.5,x]"]))
+    with pytest.raises(ValueError, match="'views.blur_p' expects float, got 'x'"):
+        resolve(apply_overrides({**BASE, **views}, ["views.blur_p=x"]))
+    assert resolve(apply_overrides({**BASE, **views}, ["views.blur_p=[1,0.1]"])).views[
+        "blur_p"
+    ] == [
+        1.0,
+        0.1,
+    ]
+
+
 def test_engine_supplied_parameters_cannot_be_set_by_a_recipe():
     with pytest.raises(ValueError, match="set by the engine"):
         resolve({**BASE, "data": {"name": "synthetic", "split": "test"}})
