@@ -578,21 +578,16 @@ def _coerce(where: str, value: Any, annotation: Any) -> Any:
             )
             for k, v in value.items()
         }
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"'{where}' expects a list, got {value!r}")
-        args = typing.get_args(annotation)
-        return tuple(_coerce(where, v, args[0]) for v in value)
-    if origin is Sequence:  # a view set's scale=[0.2, 1.0]: the list stays a list (config.yaml)
+    if origin in (tuple, Sequence):  # a Sequence (a view set's scale) stays a list in config.yaml
         item = typing.get_args(annotation)[0]
+        name = getattr(item, "__name__", str(item))
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"'{where}' expects a list of {item.__name__}, got {value!r}")
+            raise ValueError(f"'{where}' expects a list of {name}, got {value!r}")
         try:
-            return type(value)(_coerce(where, v, item) for v in value)
+            items = [_coerce(where, v, item) for v in value]
         except ValueError:
-            raise ValueError(
-                f"'{where}' expects a list of {item.__name__}, got {value!r}"
-            ) from None
+            raise ValueError(f"'{where}' expects a list of {name}, got {value!r}") from None
+        return tuple(items) if origin is tuple else type(value)(items)
     if annotation is bool:
         if not isinstance(value, bool):
             raise ValueError(f"'{where}' expects true or false, got {value!r}")
