@@ -195,3 +195,16 @@ def test_time_to_accuracy_stops_at_the_budget_that_reaches_both_marks_and_reuses
         True,
     )
     assert verdict({"minutes": 8.0, "reached": True}, None)[2] == "no after-recipe yet"
+
+
+def test_the_default_time_to_accuracy_entries_are_recipes_the_config_accepts():
+    """Every default entry (an after-recipe may carry overrides) resolves to a config."""
+    from selfsup.config import load_config
+
+    entries = [time_to_accuracy.parse_entry(text) for text in time_to_accuracy.default_entries()]
+    assert {e["method"] for e in entries} == set(time_to_accuracy.METHODS)
+    for entry in entries:
+        load_config(entry["recipe"], entry["overrides"])  # raises on an unknown key or value
+    simclr_after = next(e for e in entries if e["label"] == "simclr:after")
+    config = load_config(simclr_after["recipe"], simclr_after["overrides"])
+    assert (config.backbone["width"], config.views["image_size"]) == (0.25, 28)
