@@ -51,6 +51,7 @@ AFTER = {
     "simclr": "simclr/fashion_mnist,backbone.width=0.25,views.image_size=28",
     "barlow_twins": "barlow_twins/fashion_mnist_20px",
     "vicreg": "vicreg/fashion_mnist_20px",
+    "moco_v2": "moco_v2/fashion_mnist_20px",
 }
 ARMS = ("before", "after")
 MARKS = {"knn": "knn_top1", "linear": "linear_top1"}
