@@ -52,6 +52,7 @@ AFTER = {
     "barlow_twins": "barlow_twins/fashion_mnist_20px",
     "vicreg": "vicreg/fashion_mnist_20px",
     "moco_v2": "moco_v2/fashion_mnist_20px",
+    "swav": "swav/fashion_mnist_sharp",
 }
 ARMS = ("before", "after")
 MARKS = {"knn": "knn_top1", "linear": "linear_top1"}
