@@ -128,6 +128,9 @@ class TrainConfig:
 class EvalConfig:
     knn_k: int = 200  # InstDisc's weighted kNN (Wu et al. 2018)
     knn_temperature: float = 0.07
+    # subtract the training features' mean before the cosine (SimpleShot's "CL2N", Wang et al.
+    # 2019, arXiv 1911.04623), as the raw-pixel baseline always does; off: InstDisc's raw cosine
+    knn_center: bool = False
     monitor_train: int = 10000  # bank size of the online kNN monitor (a fixed subset of train)
     monitor_test: int = 2000  # test images used by the online monitor
     linear_epochs: int = 100  # L-BFGS iterations of the linear probe (each ~one pass over the data)

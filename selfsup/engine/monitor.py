@@ -29,6 +29,7 @@ class KnnMonitor:
     ) -> None:
         self.bank, self.queries, self.transform = bank, queries, transform
         self.k, self.temperature = config.eval.knn_k, config.eval.knn_temperature
+        self.center = config.eval.knn_center
         self.batch_size, self.device = config.eval.batch_size, device
 
     @classmethod
@@ -75,6 +76,7 @@ class KnnMonitor:
             k=self.k,
             temperature=self.temperature,
             num_classes=self.bank.num_classes,
+            center=self.center,
         )
         return {"knn_top1": result["top1"], "knn_top5": result["top5"]}
 

@@ -87,10 +87,11 @@ def probe(
     train: ImageData,
     test_f: torch.Tensor,
     test: ImageData,
-    center: bool = False,
+    center: bool | None = None,
 ) -> dict[str, float]:
     """The kNN and/or linear probe (`protocols`) trained on (train_f, train's labels) and scored
-    on (test_f, test's labels), with the run's eval settings: top-1/top-5 in %."""
+    on (test_f, test's labels), with the run's eval settings: top-1/top-5 in %. `center`: the
+    kNN's mean-centring, eval.knn_center when None."""
     results: dict[str, float] = {}
     if "knn" in protocols:
         out = knn(
@@ -101,7 +102,7 @@ def probe(
             k=config.eval.knn_k,
             temperature=config.eval.knn_temperature,
             num_classes=train.num_classes,
-            center=center,
+            center=config.eval.knn_center if center is None else center,
         )
         results.update(knn_top1=out["top1"], knn_top5=out["top5"])
     if "linear" in protocols:

@@ -233,3 +233,39 @@ def test_the_l2_penalty_spares_the_bias_which_still_fits_the_class_shares(monkey
     probabilities = logits[0].softmax(dim=1)
     assert probabilities.std(dim=0).max() < 0.05  # W ≈ 0: every row gets nearly the same
     torch.testing.assert_close(probabilities.mean(dim=0), shares, rtol=0, atol=1e-4)
+
+
+def offset_pixel_data(seed):
+    """uint8 (N, 1, 2, 2) images whose shared offset dominates the cosine, with labels: the kNN
+    on them differs with and without mean-centring."""
+    from selfsup.data.datasets import ImageData
+
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 3, (90,), generator=generator)
+    signal = torch.randn(90, 4, generator=generator) * 12 + labels[:, None] * 4.0
+    images = (150 + signal).clamp(0, 255).round().to(torch.uint8).view(90, 1, 2, 2)
+    return ImageData(images[:60], labels[:60]), ImageData(images[60:], labels[60:])
+
+
+@pytest.mark.parametrize("center", [False, True])
+def test_eval_knn_center_reaches_the_offline_probe_and_the_monitor(center):
+    from selfsup.config import load_config
+    from selfsup.engine.monitor import KnnMonitor
+    from selfsup.eval.protocols import probe
+
+    train, test = offset_pixel_data(0)
+    flat = (pixel_features(train.images), pixel_features(test.images))
+    expected = {
+        c: knn(flat[0], train.labels, flat[1], test.labels, k=5, center=bool(c)) for c in (0, 1)
+    }
+    assert expected[0]["top1"] != expected[1]["top1"]  # the fixture tells the two apart
+    config = load_config(
+        "simclr/fashion_mnist", ["eval.knn_k=5", f"eval.knn_center={str(center).lower()}"]
+    )
+    offline = probe(config, ["knn"], flat[0], train, flat[1], test)
+    monitor = KnnMonitor(train, test, lambda x: x.float(), config, "cpu")(nn.Flatten())
+    assert offline["knn_top1"] == pytest.approx(expected[center]["top1"])
+    assert monitor["knn_top1"] == pytest.approx(expected[center]["top1"])
+    # the pixel baseline's centring is given explicitly and wins over the setting
+    forced = probe(config, ["knn"], flat[0], train, flat[1], test, center=True)
+    assert forced["knn_top1"] == pytest.approx(expected[1]["top1"])
