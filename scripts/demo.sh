@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job: set up, pre-train Barlow Twins on Fashion-MNIST, evaluate (kNN, linear probe) against
+# The main job: set up, pre-train VICReg on Fashion-MNIST, evaluate (kNN, linear probe) against
 # the raw-pixel baselines. Extra arguments are config overrides, e.g. train.epochs=1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
