@@ -256,9 +256,9 @@ def test_eval_knn_center_reaches_the_offline_probe_and_the_monitor(center):
     train, test = offset_pixel_data(0)
     flat = (pixel_features(train.images), pixel_features(test.images))
     expected = {
-        c: knn(flat[0], train.labels, flat[1], test.labels, k=5, center=bool(c)) for c in (0, 1)
+        c: knn(flat[0], train.labels, flat[1], test.labels, k=5, center=c) for c in (False, True)
     }
-    assert expected[0]["top1"] != expected[1]["top1"]  # the fixture tells the two apart
+    assert expected[False]["top1"] != expected[True]["top1"]  # the fixture tells the two apart
     config = load_config(
         "simclr/fashion_mnist", ["eval.knn_k=5", f"eval.knn_center={str(center).lower()}"]
     )
@@ -268,4 +268,4 @@ def test_eval_knn_center_reaches_the_offline_probe_and_the_monitor(center):
     assert monitor["knn_top1"] == pytest.approx(expected[center]["top1"])
     # the pixel baseline's centring is given explicitly and wins over the setting
     forced = probe(config, ["knn"], flat[0], train, flat[1], test, center=True)
-    assert forced["knn_top1"] == pytest.approx(expected[1]["top1"])
+    assert forced["knn_top1"] == pytest.approx(expected[True]["top1"])
